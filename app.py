@@ -1,0 +1,235 @@
+"""Flask JSON API over a language model's internals. `python app.py --help` for options."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import orjson
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from explorer import schemas
+from explorer.analysis import InvalidRequest
+from explorer.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, Overloaded
+from explorer.loading import LoadedModel, ModelLoadError, load_model
+from explorer.service import Explorer
+
+log = logging.getLogger("explorer")
+
+# localhost pages on any port, and file:// pages (which send `Origin: null`)
+DEFAULT_CORS_ORIGINS = [r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$", "null"]
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
+
+DEFAULTS: dict[str, Any] = {
+    "MODEL": "gpt2",
+    "RANDOM_WEIGHTS": False,
+    "DEVICE": "auto",
+    "DTYPE": "float32",
+    "CORS_ORIGINS": DEFAULT_CORS_ORIGINS,
+    "MAX_CONTENT_LENGTH": 1 << 20,  # request bodies; larger ones get 413 before parsing
+    "MAX_RESPONSE_BYTES": 100 << 20,
+    "CACHE_BYTES": DEFAULT_CACHE_BYTES,
+    "QUEUE_SIZE": DEFAULT_QUEUE_SIZE,
+    "CHECK_HOST": True,  # reject non-loopback Host headers (DNS rebinding); off for public binds
+}
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, status=status, mimetype="application/json", headers=headers)
+
+
+def error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"error": message}, status, headers)
+
+
+def request_json() -> Any:
+    """The body as strict JSON (no NaN/Infinity, no lone surrogates); 415 if it is not JSON."""
+    if request.mimetype != "application/json":
+        raise UnsupportedType()
+    try:
+        return orjson.loads(request.get_data(cache=False))
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON ({exc})") from None
+
+
+class UnsupportedType(Exception):
+    pass
+
+
+def host_name(host: str) -> str:
+    """`host[:port]` of a Host header -> host, keeping IPv6 brackets."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0]
+
+
+def create_app(config: dict[str, Any] | None = None, model: LoadedModel | None = None) -> Flask:
+    """Build the app. `model` is injected by tests; otherwise it is loaded from `config`."""
+    app = Flask(__name__, static_folder=None)
+    app.config.update(DEFAULTS)
+    app.config.update(config or {})
+    app.json.sort_keys = False
+    if model is None:
+        model = load_model(app.config["MODEL"], random_weights=app.config["RANDOM_WEIGHTS"],
+                           device=app.config["DEVICE"], dtype=app.config["DTYPE"])
+    explorer = Explorer(model, cache_bytes=app.config["CACHE_BYTES"], queue_size=app.config["QUEUE_SIZE"])
+    app.extensions["explorer"] = explorer
+
+    from flask_cors import CORS
+    CORS(app, origins=app.config["CORS_ORIGINS"], supports_credentials=False)
+
+    @app.before_request
+    def check_host() -> Response | None:
+        if app.config["CHECK_HOST"] and host_name(request.host.lower()) not in LOOPBACK_HOSTS:
+            return error("Host header must be localhost, 127.0.0.1 or [::1] (the server is bound "
+                         "to loopback; start it with --host to serve other names)", 400)
+        return None
+
+    @app.errorhandler(InvalidRequest)
+    def invalid(exc: InvalidRequest) -> Response:
+        return error(str(exc), 400)
+
+    @app.errorhandler(UnsupportedType)
+    def unsupported(_: UnsupportedType) -> Response:
+        return error("Content-Type must be application/json", 415)
+
+    @app.errorhandler(Overloaded)
+    def overloaded(exc: Overloaded) -> Response:
+        return error(f"server busy: {exc}", 503, {"Retry-After": str(exc.retry_after)})
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        messages = {
+            404: f"no endpoint {request.path}; see GET /openapi.json or API.md",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
+        }
+        return error(messages.get(exc.code or 500, exc.description or exc.name), exc.code or 500,
+                     dict(exc.get_headers()) if exc.code == 405 else None)
+
+    @app.errorhandler(Exception)
+    def internal(exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.path)
+        return error("internal error (details are in the server log)", 500)
+
+    def check_size(elements: int) -> None:
+        # 7 bytes bound one rounded float and its comma ("0.1234,"): refuse before building.
+        estimate = elements * 7
+        if estimate > app.config["MAX_RESPONSE_BYTES"]:
+            raise InvalidRequest(
+                f"the response would be about {estimate >> 20} MiB, over the server's limit of "
+                f"{app.config['MAX_RESPONSE_BYTES'] >> 20} MiB; ask for one head or a shorter text")
+
+    @app.get("/health")
+    def health() -> Response:
+        return json_response({"status": "ok", "model": model.name, "queue": explorer.worker.pending()})
+
+    @app.get("/model")
+    def model_info() -> Response:
+        return json_response(model.info())
+
+    @app.post("/tokenize")
+    def tokenize() -> Response:
+        req = schemas.parse(schemas.TextRequest, request_json())
+        return json_response(explorer.tokenize(req.text))
+
+    @app.post("/trace")
+    def trace() -> Response:
+        req = schemas.parse(schemas.TraceRequest, request_json())
+        return json_response(explorer.trace(req.text, req.token_indices))
+
+    @app.post("/attention")
+    def attention() -> Response:
+        req = schemas.parse(schemas.AttentionRequest, request_json())
+        seq = len(explorer.tokens(req.text)[0])
+        check_size(seq * seq * (1 if req.head is not None else int(model.cfg.n_heads)))
+        return json_response(explorer.attention(req.text, req.layer, req.head))
+
+    @app.post("/predict")
+    def predict() -> Response:
+        req = schemas.parse(schemas.PredictRequest, request_json())
+        return json_response(explorer.predict(req.text, req.token_index, req.top_k))
+
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description="Serve a language model's internals as a JSON API. "
+                                "Every flag has an environment-variable twin (shown in brackets).")
+    p.add_argument("--model", default=env("EXPLORER_MODEL", "gpt2"),
+                   help="Hugging Face model name or save_pretrained directory [EXPLORER_MODEL] (default gpt2)")
+    p.add_argument("--random-weights", action="store_true",
+                   default=env("EXPLORER_RANDOM_WEIGHTS", "").lower() in {"1", "true", "yes"},
+                   help="GPT-2-small shape with seeded random weights and the real GPT-2 tokenizer; "
+                        "needs no download [EXPLORER_RANDOM_WEIGHTS=1]")
+    p.add_argument("--device", default=env("EXPLORER_DEVICE", "auto"),
+                   help="cpu, cuda, cuda:N or auto [EXPLORER_DEVICE] (default auto)")
+    p.add_argument("--dtype", default=env("EXPLORER_DTYPE", "float32"),
+                   choices=["float32", "bfloat16", "float16"], help="[EXPLORER_DTYPE] (default float32)")
+    p.add_argument("--host", default=env("EXPLORER_HOST", "127.0.0.1"), help="[EXPLORER_HOST] (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(env("EXPLORER_PORT", "5001")), help="[EXPLORER_PORT] (default 5001)")
+    p.add_argument("--cors-origins", default=env("EXPLORER_CORS_ORIGINS"),
+                   help="comma-separated allowed origins ('*' for any) [EXPLORER_CORS_ORIGINS] "
+                        "(default: localhost/127.0.0.1 pages on any port and file:// pages)")
+    p.add_argument("--cache-mb", type=int, default=int(env("EXPLORER_CACHE_MB", str(DEFAULT_CACHE_BYTES >> 20))),
+                   help="activation cache bound in MiB [EXPLORER_CACHE_MB] (default %(default)s)")
+    p.add_argument("--threads", type=int, default=int(env("EXPLORER_THREADS", "8")),
+                   help="HTTP worker threads [EXPLORER_THREADS] (default 8)")
+    return p.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("transformers", "transformer_lens", "huggingface_hub", "waitress.queue"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    loopback = is_loopback(args.host)
+    if not loopback:
+        log.warning("Binding to %s: anyone who can reach this address can use the API. "
+                    "Use the default --host 127.0.0.1 unless you mean to share it.", args.host)
+    log.info("Loading %s on %s ...", "random GPT-2 weights" if args.random_weights else args.model,
+             args.device)
+    try:
+        model = load_model(args.model, random_weights=args.random_weights, device=args.device, dtype=args.dtype)
+    except ModelLoadError as exc:
+        print(f"\nerror: {exc}\n", file=sys.stderr)
+        return 1
+    cfg = model.cfg
+    log.info("Loaded %s (%s weights%s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
+             "vocab %d, n_ctx %d", model.name, model.weights,
+             " -- RANDOM, predictions are meaningless" if model.weights == "random" else "",
+             model.device, model.dtype, model.load_seconds, cfg.n_layers, cfg.n_heads, cfg.d_model,
+             cfg.d_vocab, cfg.n_ctx)
+    config: dict[str, Any] = {"CACHE_BYTES": args.cache_mb << 20, "CHECK_HOST": loopback}
+    if args.cors_origins:
+        config["CORS_ORIGINS"] = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
+    app = create_app(config, model=model)
+    app.extensions["explorer"].vocab_strs  # decode the vocabulary now, not on the first /predict
+    from waitress import serve
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    log.info("Serving on http://%s:%d (ready %.1f s after start)", shown, args.port,
+             time.perf_counter() - START)
+    serve(app, host=args.host, port=args.port, threads=args.threads, ident="explorer")
+    return 0
+
+
+START = time.perf_counter()
+
+if __name__ == "__main__":
+    sys.exit(main())

