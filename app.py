@@ -13,7 +13,7 @@ import orjson
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from explorer import schemas
+from explorer import openapi, schemas
 from explorer.analysis import InvalidRequest
 from explorer.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, Overloaded
 from explorer.loading import LoadedModel, ModelLoadError, load_model
@@ -133,6 +133,12 @@ def create_app(config: dict[str, Any] | None = None, model: LoadedModel | None =
     @app.get("/model")
     def model_info() -> Response:
         return json_response(model.info())
+
+    spec = openapi.build(model.info())
+
+    @app.get("/openapi.json")
+    def openapi_json() -> Response:
+        return json_response(spec)
 
     @app.post("/tokenize")
     def tokenize() -> Response:

@@ -4,7 +4,7 @@ The same models generate the OpenAPI document, so validation and documentation c
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
@@ -16,7 +16,8 @@ class _Request(BaseModel):
 
 
 class TextRequest(_Request):
-    text: StrictStr = Field(description="Input text; BOS is prepended, so token index 0 is BOS.")
+    text: StrictStr = Field(min_length=1, description=(
+        "Input text; BOS is prepended, so token index 0 is BOS. At most n_ctx tokens, BOS included."))
 
 
 class TraceRequest(TextRequest):
@@ -33,6 +34,89 @@ class AttentionRequest(TextRequest):
 class PredictRequest(TextRequest):
     token_index: StrictInt = Field(description="Position whose next-token predictions are read, 0 .. seq-1.")
     top_k: StrictInt = Field(default=5, description="Predictions per layer, 1 .. 100.")
+
+
+# --- responses (documentation only: the OpenAPI document and its conformance tests use them) ---
+
+class Token(BaseModel):
+    index: int
+    token_id: int
+    token_str: str
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[Token]
+
+
+class TraceToken(BaseModel):
+    index: int
+    token_str: str
+
+
+class TracePoint(BaseModel):
+    layer: int
+    x: float
+    y: float
+
+
+class TraceResponse(BaseModel):
+    tokens: list[TraceToken]
+    trajectories: dict[str, list[TracePoint]] = Field(
+        description="Token index (as a string) -> one 2D point per layer, in one shared PCA space.")
+    token_indices: list[int]
+    pca_explained_variance: list[float] = Field(min_length=2, max_length=2)
+
+
+class AttentionResponse(BaseModel):
+    attention_matrix: Union[list[list[float]], list[list[list[float]]]] = Field(description=(
+        "[T][T] for one head (row i: how token i attends to each token j), or [n_heads][T][T] "
+        "when head is omitted or null. Rounded to 4 decimals."))
+    layer: int
+    head: Optional[int]
+    n_heads: int
+    n_layers: int
+    tokens: list[str]
+
+
+class TopToken(BaseModel):
+    token: str
+    token_id: int
+    probability: float
+    logit: float
+
+
+class LayerPredictions(BaseModel):
+    layer: int
+    top_tokens: list[TopToken]
+
+
+class PredictResponse(BaseModel):
+    token_index: int
+    token_str: str
+    predictions_by_layer: list[LayerPredictions]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_vocab: int
+    n_ctx: int
+    weights: str = Field(description='"pretrained" or "random"')
+    device: str
+    dtype: str
+    bos_token_id: Optional[int]
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    queue: int = Field(description="Model requests waiting for the worker.")
+
+
+class Error(BaseModel):
+    error: str
 
 
 _TYPE_WORDS = {
@@ -61,6 +145,8 @@ def parse(model: type[_Request], body: Any) -> Any:
         if kind == "extra_forbidden":
             allowed = ", ".join(model.model_fields)
             raise InvalidRequest(f"unknown field {field!r}; allowed fields: {allowed}") from None
+        if kind == "string_too_short":
+            raise InvalidRequest(f"{field} must be a non-empty string") from None
         if kind in _TYPE_WORDS:
             raise InvalidRequest(f"{field} must be {_TYPE_WORDS[kind]}") from None
         raise InvalidRequest(f"{field}: {err['msg']}") from None
