@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {exc}\n", file=sys.stderr)
         return 1
     cfg = model.cfg
-    log.info("Loaded %s (%s weights%s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
-             "vocab %d, n_ctx %d", model.name, model.weights,
-             " -- RANDOM, predictions are meaningless" if model.weights == "random" else "",
+    log.info("Loaded %s (%s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
+             "vocab %d, n_ctx %d", model.name,
+             "RANDOM weights: predictions are meaningless" if model.weights == "random" else "pretrained weights",
              model.device, model.dtype, model.load_seconds, cfg.n_layers, cfg.n_heads, cfg.d_model,
              cfg.d_vocab, cfg.n_ctx)
     config: dict[str, Any] = {"CACHE_BYTES": args.cache_mb << 20, "CHECK_HOST": loopback}
@@ -228,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(config, model=model)
     app.extensions["explorer"].vocab_strs  # decode the vocabulary now, not on the first /predict
     from waitress import serve
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    log.info("Serving on http://%s:%d (ready %.1f s after start)", shown, args.port,
-             time.perf_counter() - START)
+    log.info("Ready %.1f s after start", time.perf_counter() - START)
     serve(app, host=args.host, port=args.port, threads=args.threads, ident="explorer")
     return 0
 

@@ -117,6 +117,10 @@ def load_model(
         raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {device} was asked for, but PyTorch sees no CUDA device.")
+    if not random_weights and name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelLoadError(
+            f"--model {name} is not a directory. Give a directory written by save_pretrained, a "
+            "Hugging Face model id (e.g. gpt2), or --random-weights to run with no download.")
     start = time.perf_counter()
     try:
         if random_weights:
@@ -127,7 +131,8 @@ def load_model(
                 )
             label = f"gpt2-random-seed{RANDOM_SEED}"
         else:
-            bridge = TransformerBridge.boot_transformers(name, device=device, dtype=DTYPES[dtype])
+            bridge = TransformerBridge.boot_transformers(
+                os.path.expanduser(name), device=device, dtype=DTYPES[dtype])
             label = name
     except Exception as exc:  # anything from the hub, the filesystem or the architecture check
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

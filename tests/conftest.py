@@ -16,10 +16,6 @@ TINY = {"n_layer": 3, "n_head": 4, "n_embd": 64, "n_positions": 64}
 TEXT = "The cat sat on the mat"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpt2: needs the real GPT-2 weights (skipped when absent)")
-
-
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-gpt2")

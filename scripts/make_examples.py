@@ -1,0 +1,49 @@
+"""Regenerate examples/*.json from a running server: `python scripts/make_examples.py [URL]`.
+
+Each file is the server's exact response plus an `_example` field recording the request and the
+model that answered (frontends load these as mock data while the server is down).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+TEXT = "The cat sat on the mat"
+EXAMPLES = [
+    ("example1_tokenize.json", "/tokenize", {"text": TEXT}),
+    ("example2_trace.json", "/trace", {"text": TEXT, "token_indices": [1, 2, 6]}),
+    ("example3_predict.json", "/predict", {"text": TEXT, "token_index": 5, "top_k": 5}),
+    ("example4_attention_head.json", "/attention", {"text": TEXT, "layer": 2, "head": 1}),
+    ("example5_attention_layer.json", "/attention", {"text": TEXT, "layer": 0}),
+    ("example6_model.json", "/model", None),
+]
+OUT = Path(__file__).resolve().parent.parent / "examples"
+
+
+def fetch(url: str, body: dict | None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.load(resp)
+
+
+def main(base: str = "http://127.0.0.1:5001") -> None:
+    model = fetch(base + "/model", None)
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for name, path, body in EXAMPLES:
+        response = fetch(base + path, body)
+        response["_example"] = {
+            "request": {"method": "GET" if body is None else "POST", "path": path, "body": body},
+            "model": model["name"], "weights": model["weights"], "generated": made,
+            "note": "random weights: shapes are real, predictions are noise; regenerate with real "
+                    "GPT-2 (python app.py, then this script)" if model["weights"] == "random" else "",
+        }
+        (OUT / name).write_text(json.dumps(response, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote examples/{name}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
