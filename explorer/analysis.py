@@ -95,7 +95,9 @@ def trace(run: Run, token_indices: Sequence[int]) -> dict[str, Any]:
 
     n_layers = run.resid.shape[0]
     points = run.resid[:, list(token_indices), :].transpose(0, 1).reshape(-1, run.resid.shape[-1])
-    pca = PCA(n_components=2, svd_solver="full")
+    # Both solvers are exact; the covariance one is ~50x faster for 1000 tokens x 12 layers.
+    solver = "covariance_eigh" if points.shape[0] >= points.shape[1] else "full"
+    pca = PCA(n_components=2, svd_solver=solver)
     xy = pca.fit_transform(points.double().numpy()).reshape(len(token_indices), n_layers, 2)
     return {
         "trajectories": {

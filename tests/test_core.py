@@ -92,10 +92,16 @@ def test_lens_last_layer_is_model_output_exactly(tiny_model):
     assert top_ids[-1, 0] == int(expected.indices[0])
 
 
-@pytest.mark.parametrize("indices", [None, [1, 4], [0, 2, 6], [3]])
-def test_trace_matches_independent_pca(client, hf_model, tiny_model, indices):
-    ids = ids_of(client, TEXT)
-    body = {"text": TEXT} if indices is None else {"text": TEXT, "token_indices": indices}
+# 40 tokens x 3 layers = 120 points > d_model 64 takes the covariance solver; the rest, full SVD
+PCA_TEXT = "One two three four five six seven eight nine ten. " * 4
+
+
+@pytest.mark.parametrize("text,indices", [(TEXT, None), (TEXT, [1, 4]), (TEXT, [0, 2, 6]), (TEXT, [3]),
+                                          (PCA_TEXT, None)])
+def test_trace_matches_independent_pca(client, hf_model, tiny_model, text, indices):
+    ids = ids_of(client, text)
+    assert len(ids) < 64
+    body = {"text": text} if indices is None else {"text": text, "token_indices": indices}
     r = client.post("/trace", json=body)
     assert r.status_code == 200
     data = r.get_json()
