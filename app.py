@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 from explorer import openapi, schemas
 from explorer.analysis import InvalidRequest
 from explorer.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, Overloaded
-from explorer.loading import LoadedModel, ModelLoadError, load_model
+from explorer.loading import LoadedModel, ModelLoadError, load_model, resolve_device
 from explorer.service import Explorer
 
 log = logging.getLogger("explorer")
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("Binding to %s: anyone who can reach this address can use the API. "
                     "Use the default --host 127.0.0.1 unless you mean to share it.", args.host)
     log.info("Loading %s on %s ...", "random GPT-2 weights" if args.random_weights else args.model,
-             args.device)
+             resolve_device(args.device))
     try:
         model = load_model(args.model, random_weights=args.random_weights, device=args.device, dtype=args.dtype)
     except ModelLoadError as exc:

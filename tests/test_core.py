@@ -121,3 +121,23 @@ def test_trace_matches_independent_pca(client, hf_model, tiny_model, text, indic
         np.testing.assert_allclose(got[..., axis], sign * want[..., axis], atol=1e-4)
     np.testing.assert_allclose(data["pca_explained_variance"], pca.explained_variance_ratio_, atol=1e-6)
     assert 0 < sum(data["pca_explained_variance"]) <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_dtypes_serve_consistent_answers(tiny_dir, dtype):
+    """--dtype: the lens's last layer still equals the model's own output in that dtype."""
+    from app import create_app
+    from model_utils import load_model
+
+    model = load_model(str(tiny_dir), device="cpu", dtype=dtype)
+    client = create_app(model=model).test_client()
+    assert client.get("/model").get_json()["dtype"] == dtype
+    ids = ids_of(client, TEXT)
+    with torch.inference_mode():
+        out = model.bridge(torch.tensor([ids]))[0, 3].float().softmax(-1)
+    last = client.post("/predict", json={"text": TEXT, "token_index": 3, "top_k": 3}).get_json()
+    got = [t["probability"] for t in last["predictions_by_layer"][-1]["top_tokens"]]
+    np.testing.assert_allclose(got, out.topk(3).values.numpy(), rtol=2e-2)
+    assert client.post("/trace", json={"text": TEXT}).status_code == 200
+    att = np.array(client.post("/attention", json={"text": TEXT, "layer": 2}).get_json()["attention_matrix"])
+    np.testing.assert_allclose(att.sum(-1), 1.0, atol=2e-2)
