@@ -87,7 +87,7 @@ async function show(name) {
 
 function renderChips() {
   const bos = state.model?.bos_token_id;
-  $("#token-count").textContent = `${state.tokens.length} tokens`;
+  $("#token-count").textContent = state.tokens.length ? `${state.tokens.length} tokens` : "";
   $("#chips").replaceChildren(...state.tokens.map((t) => {
     const chip = document.createElement("button");
     chip.type = "button";
@@ -170,7 +170,13 @@ function setUpExports() {
       button.dataset.export = format;
       button.disabled = true;
       button.setAttribute("aria-label", `Download ${name} as ${format.toUpperCase()}`);
-      button.addEventListener("click", () => save(view).catch(showError));
+      button.addEventListener("click", async () => {
+        try {
+          await save(view);
+        } catch (err) {
+          showError(err);
+        }
+      });
       return button;
     }));
   }
