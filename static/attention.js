@@ -3,10 +3,11 @@
 import { blues, el, figure, readable, rgb, showToken } from "./svg.js";
 
 const LABELS = 96;  // room for token labels left of and above the heatmap
+const MAX_CELL_TOKENS = 128;  // longer texts: the heatmap is one image, not up to n_ctx^2 rects
 const THUMB = 84, GAP = 16;
 
-// A head's pattern as a T x T PNG data URL: one <image> per overview tile instead of T*T rects.
-function patternImage(matrix) {
+// A pattern as one T x T pixel <image>, `size` wide: overview tiles and long texts' heatmaps.
+function pixelImage(matrix, size) {
   const n = matrix.length;
   const canvas = Object.assign(document.createElement("canvas"), { width: n, height: n });
   const ctx = canvas.getContext("2d");
@@ -15,14 +16,16 @@ function patternImage(matrix) {
     pixels.data.set([...blues(value), 255], (q * n + k) * 4);
   }));
   ctx.putImageData(pixels, 0, 0);
-  return canvas.toDataURL("image/png");
+  return el("image", { href: canvas.toDataURL("image/png"), width: size, height: size,
+                       style: "image-rendering: pixelated", preserveAspectRatio: "none" });
 }
 
 export function drawAttention(data, head, readout, selectHead) {
   const { tokens, layer, n_heads: nHeads } = data;
   const matrix = data.attention_matrix[head];
   const n = tokens.length;
-  const cell = Math.max(4, Math.min(28, Math.floor(480 / n)));
+  const asCells = n <= MAX_CELL_TOKENS;
+  const cell = asCells ? Math.max(4, Math.min(28, Math.floor(480 / n))) : 512 / n;
   const labelStep = Math.ceil(9 / cell);  // skip labels that would overlap
   const fontSize = Math.min(11, cell - 1 + (labelStep - 1) * cell);
   const top = 40 + LABELS, side = n * cell;
@@ -37,12 +40,17 @@ export function drawAttention(data, head, readout, selectHead) {
 
   const cells = [];
   const heat = el("g", { transform: `translate(${LABELS} ${top})` });
-  matrix.forEach((row, q) => row.forEach((value, k) => {
-    const rect = el("rect", { x: k * cell, y: q * cell, width: cell, height: cell,
-                              fill: rgb(blues(value)), class: "cell" });
-    heat.append(rect);
-    cells.push(rect);
-  }));
+  if (asCells) {
+    matrix.forEach((row, q) => row.forEach((value, k) => {
+      const rect = el("rect", { x: k * cell, y: q * cell, width: cell, height: cell,
+                                fill: rgb(blues(value)), class: "cell" });
+      heat.append(rect);
+      cells.push(rect);
+    }));
+  } else {
+    heat.append(pixelImage(matrix, side));
+    readout.textContent = `Values on hover for texts up to ${MAX_CELL_TOKENS} tokens; the JSON download has them all.`;
+  }
   heat.append(el("rect", { width: side, height: side, fill: "none", stroke: "#999" }));
   tokens.forEach((token, i) => {
     if (i % labelStep) return;
@@ -72,8 +80,7 @@ export function drawAttention(data, head, readout, selectHead) {
     const gx = gridX + (h % cols) * (THUMB + GAP), gy = 56 + Math.floor(h / cols) * (THUMB + 26);
     const tile = el("g", { class: "head-tile", transform: `translate(${gx} ${gy})`, tabindex: 0,
                            role: "button", "aria-label": `Show head ${h}`, "data-head": h },
-      el("image", { href: patternImage(pattern), width: THUMB, height: THUMB,
-                    style: "image-rendering: pixelated", preserveAspectRatio: "none" }),
+      pixelImage(pattern, THUMB),
       el("rect", { width: THUMB, height: THUMB, fill: "none",
                    stroke: h === head ? "#d62728" : "#999", "stroke-width": h === head ? 3 : 1 }),
       el("text", { x: THUMB / 2, y: THUMB + 14, "text-anchor": "middle",

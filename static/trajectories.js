@@ -2,7 +2,7 @@
 // plane of the /trace answer.
 import { PALETTE, el, figure, readable, showToken } from "./svg.js";
 
-const W = 780;
+const W = 940;
 const M = { left: 56, right: 170, top: 50, bottom: 48 };
 
 const pct = (v) => `${(v * 100).toFixed(1)}%`;
