@@ -8,6 +8,13 @@ import { drawTrajectories } from "./trajectories.js";
 
 const $ = (selector) => document.querySelector(selector);
 
+// An element with properties, then attributes (for the ARIA ones that have no property).
+function make(tag, props, attrs = {}) {
+  const node = Object.assign(document.createElement(tag), props);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  return node;
+}
+
 const state = { model: null, text: "", tokens: [], traced: new Set() };
 
 function showError(err) {
@@ -89,14 +96,13 @@ function renderChips() {
   const bos = state.model?.bos_token_id;
   $("#token-count").textContent = state.tokens.length ? `${state.tokens.length} tokens` : "";
   $("#chips").replaceChildren(...state.tokens.map((t) => {
-    const chip = document.createElement("button");
-    chip.type = "button";
-    chip.className = "chip";
     const isBos = t.index === 0 && t.token_id === bos;
-    chip.classList.toggle("bos", isBos);
-    chip.textContent = isBos ? "BOS" : showToken(t.token_str, 24);
-    chip.title = `#${t.index} · id ${t.token_id} · ${JSON.stringify(t.token_str)}${isBos ? " (beginning of sequence)" : ""}`;
-    chip.setAttribute("aria-pressed", state.traced.has(t.index));
+    const chip = make("button", {
+      type: "button",
+      className: isBos ? "chip bos" : "chip",
+      textContent: isBos ? "BOS" : showToken(t.token_str, 24),
+      title: `#${t.index} · id ${t.token_id} · ${JSON.stringify(t.token_str)}${isBos ? " (beginning of sequence)" : ""}`,
+    }, { "aria-pressed": state.traced.has(t.index) });
     chip.addEventListener("click", () => {
       if (state.traced.has(t.index) && state.traced.size === 1) return;  // trace needs a token
       state.traced.has(t.index) ? state.traced.delete(t.index) : state.traced.add(t.index);
@@ -155,7 +161,8 @@ function setUpTabs() {
   });
 }
 
-function setUpExports() {
+// What every view's panel has besides its own controls.
+function setUpPanels() {
   const formats = {
     png: (view) => savePNG(view.figure, `${view.name()}.png`),
     svg: (view) => saveSVG(view.figure, `${view.name()}.svg`),
@@ -163,13 +170,14 @@ function setUpExports() {
   };
   for (const [name, view] of Object.entries(views)) {
     view.panel = $(`#panel-${name}`);
-    view.panel.querySelector(".exports").append(...Object.entries(formats).map(([format, save]) => {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.textContent = format.toUpperCase();
-      button.dataset.export = format;
-      button.disabled = true;
-      button.setAttribute("aria-label", `Download ${name} as ${format.toUpperCase()}`);
+    const exports = make("span", { className: "exports" });
+    view.panel.querySelector(".toolbar").append(
+      make("span", { className: "loading", textContent: "Loading…" }, { role: "status" }), exports);
+    view.panel.append(make("div", { className: "figure-box" }),
+                      make("p", { className: "readout" }, { "aria-live": "polite" }));
+    exports.append(...Object.entries(formats).map(([format, save]) => {
+      const button = make("button", { type: "button", textContent: format.toUpperCase(), disabled: true },
+                          { "data-export": format, "aria-label": `Download ${name} as ${format.toUpperCase()}` });
       button.addEventListener("click", async () => {
         try {
           await save(view);
@@ -185,12 +193,10 @@ function setUpExports() {
 function showModel(info) {
   const random = info.weights === "random";
   $("#model").replaceChildren(
-    Object.assign(document.createElement("strong"), { textContent: info.name }),
+    make("strong", { textContent: info.name }),
     ` · ${info.n_layers} layers · ${info.n_heads} heads · d_model ${info.d_model} · ${info.device} ${info.dtype} `,
-    Object.assign(document.createElement("span"), {
-      className: `weights ${random ? "random" : "pretrained"}`,
-      textContent: random ? "RANDOM WEIGHTS" : "pretrained weights",
-    }),
+    make("span", { className: `weights ${random ? "random" : "pretrained"}`,
+                   textContent: random ? "RANDOM WEIGHTS" : "pretrained weights" }),
   );
   $("#random-warning").hidden = !random;
   const range = (n, label) => Array.from({ length: n }, (_, i) => [String(i), `${label}${i}`]);
@@ -200,7 +206,7 @@ function showModel(info) {
 
 async function start() {
   setUpTabs();
-  setUpExports();
+  setUpPanels();
   $("#input-form").addEventListener("submit", (event) => {
     event.preventDefault();
     analyze();

@@ -91,6 +91,20 @@ def open_view(page, name: str):
     return panel
 
 
+def choose(page, panel, select: str, value: str) -> None:
+    """Pick an option of a view's control and wait until the view has redrawn."""
+    old = panel.locator("svg.figure").element_handle()
+    page.select_option(select, value)
+    page.wait_for_function("old => !old.isConnected", arg=old)
+    panel.locator("svg.figure").wait_for()
+
+
+def hover_text(page, locator) -> str:
+    """The tooltip shown while the mouse is over `locator`."""
+    locator.hover()
+    return page.locator("#tip").inner_text()
+
+
 def screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"viewer-{name}.png"), full_page=True)
@@ -122,8 +136,7 @@ def test_trajectories(page, server):
     assert panel.locator("g.trajectory").count() == len(answer["tokens"])
     ev1, ev2 = answer["pca_explained_variance"]
     assert f"PC1 ({ev1 * 100:.1f}% of variance)" in panel.locator("svg").text_content()
-    panel.locator("circle.point").nth(1).hover()
-    assert "layer 1" in page.locator("#tip").inner_text()
+    assert "layer 1" in hover_text(page, panel.locator("circle.point").nth(1))
     screenshot(page, "trajectories")
 
     # Deselecting a token chip re-traces without it.
@@ -135,9 +148,7 @@ def test_trajectories(page, server):
 def test_attention(page, server):
     analyze(page, TEXT)
     panel = open_view(page, "attention")
-    page.select_option("#attn-layer", "2")
-    page.wait_for_function("document.querySelector('#panel-attention svg').getAttribute('aria-label')"
-                           ".includes('layer 2')")
+    choose(page, panel, "#attn-layer", "2")
     answer = api(server, "/attention", {"text": TEXT, "layer": 2})
     n_tokens = len(answer["tokens"])
     assert panel.locator("rect.cell").count() == n_tokens * n_tokens
@@ -146,10 +157,10 @@ def test_attention(page, server):
     # A head tile picks the heatmap's head; the hovered cell reads the API's value.
     panel.locator('.head-tile[data-head="3"]').click()
     page.wait_for_function("document.querySelector('#attn-head').value === '3'")
-    panel.locator("rect.cell").nth(n_tokens + 1).hover()  # query 1, key 1
-    assert page.locator("#tip").inner_text().endswith(f"{answer['attention_matrix'][3][1][1]:.4f}")
+    tip = hover_text(page, panel.locator("rect.cell").nth(n_tokens + 1))  # query 1, key 1
+    assert tip.endswith(f"{answer['attention_matrix'][3][1][1]:.4f}")
 
-    # Keyboard: focus the figure, move right then down, and the readout follows.
+    # Keyboard: focus the figure, go to the first cell, then one row down; the readout follows.
     panel.locator("svg.figure").focus()
     page.keyboard.press("Home")
     page.keyboard.press("ArrowDown")
@@ -160,22 +171,15 @@ def test_attention(page, server):
 def test_logit_lens(page, server):
     analyze(page, TEXT)
     panel = open_view(page, "lens")
-    page.select_option("#lens-k", "3")
-    page.wait_for_function("document.querySelector('#panel-lens .lens-row').querySelectorAll('.lens-cell')"
-                           ".length === 3")
+    choose(page, panel, "#lens-k", "3")
     position = int(page.input_value("#lens-pos"))
     answer = api(server, "/predict", {"text": TEXT, "token_index": position, "top_k": 3})
     rows = answer["predictions_by_layer"]
     assert panel.locator(".lens-row").count() == len(rows) == server[1].get("/model").get_json()["n_layers"]
     assert panel.locator(".lens-cell").count() == len(rows) * 3
     top = rows[-1]["top_tokens"][0]
-    assert f"id {top['token_id']}" in _hover_text(page, panel.locator(".lens-row").last.locator(".lens-cell").first)
+    assert f"id {top['token_id']}" in hover_text(page, panel.locator(".lens-row").last.locator(".lens-cell").first)
     screenshot(page, "lens")
-
-
-def _hover_text(page, locator) -> str:
-    locator.hover()
-    return page.locator("#tip").inner_text()
 
 
 @pytest.mark.parametrize("view, path, params", [
