@@ -128,6 +128,15 @@ def test_model_and_token_chips(page, server):
     assert f"id {tokens[2]['token_id']}" in chips.nth(2).get_attribute("title")
 
 
+def test_random_weights_are_flagged(page, server):
+    # The tiny model is a saved checkpoint; answer /model as a --random-weights server would.
+    info = {**server[1].get("/model").get_json(), "weights": "random"}
+    page.route("**/model", lambda route: route.fulfill(json=info))
+    page.reload()
+    page.locator("#random-warning").wait_for(state="visible")
+    assert page.locator(".weights.random").inner_text() == "RANDOM WEIGHTS"
+
+
 def test_trajectories(page, server):
     panel = open_view(page, "trajectories")
     answer = api(server, "/trace", {"text": page.input_value("#text")})
