@@ -27,7 +27,9 @@ function clearError() {
 }
 
 // Marks `box` busy (its loading indicator shows) while `work` runs; errors go to the page.
+// Counted, so that an overtaken request finishing does not end a newer one's indicator.
 async function busy(box, work) {
+  box.dataset.pending = Number(box.dataset.pending ?? 0) + 1;
   box.setAttribute("aria-busy", "true");
   try {
     return await work();
@@ -35,7 +37,8 @@ async function busy(box, work) {
     showError(err);
     return null;
   } finally {
-    box.setAttribute("aria-busy", "false");
+    box.dataset.pending -= 1;
+    box.setAttribute("aria-busy", box.dataset.pending !== "0");
   }
 }
 
@@ -49,7 +52,7 @@ const views = {
   trajectories: {
     key: () => [...state.traced].join(","),
     request: () => api.trace(state.text, [...state.traced].sort((a, b) => a - b)),
-    draw: (data, readout) => drawTrajectories(data, readout),
+    draw: drawTrajectories,
     name: () => "trajectories",
   },
   attention: {
@@ -65,7 +68,7 @@ const views = {
   lens: {
     key: () => `${$("#lens-pos").value}/${$("#lens-k").value}`,
     request: () => api.predict(state.text, Number($("#lens-pos").value), Number($("#lens-k").value)),
-    draw: (data, readout) => drawLens(data, readout),
+    draw: drawLens,
     name: () => `lens-pos${$("#lens-pos").value}`,
   },
 };

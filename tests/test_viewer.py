@@ -191,6 +191,17 @@ def test_logit_lens(page, server):
     screenshot(page, "lens")
 
 
+def test_loading_indicator(page):
+    held = []  # the /predict request, held back until the indicator has been seen
+    page.route("**/predict", lambda route: held.append(route))
+    page.click("#tab-lens")
+    page.locator("#panel-lens .loading").wait_for(state="visible")
+    assert len(held) == 1 and page.locator("#panel-lens .figure").count() == 0
+    held[0].continue_()
+    page.locator("#panel-lens .figure").wait_for()
+    assert page.locator("#panel-lens .loading").is_hidden()
+
+
 @pytest.mark.parametrize("view, path, params", [
     ("trajectories", "/trace", {}),
     ("attention", "/attention", {"layer": 0}),
