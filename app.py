@@ -71,7 +71,7 @@ def host_name(host: str) -> str:
 
 def create_app(config: dict[str, Any] | None = None, model: LoadedModel | None = None) -> Flask:
     """Build the app. `model` is injected by tests; otherwise it is loaded from `config`."""
-    app = Flask(__name__, static_folder=None)
+    app = Flask(__name__, static_folder="static")  # the viewer: GET / and /static/*
     app.config.update(DEFAULTS)
     app.config.update(config or {})
     app.json.sort_keys = False
@@ -125,6 +125,10 @@ def create_app(config: dict[str, Any] | None = None, model: LoadedModel | None =
             raise InvalidRequest(
                 f"the response would be about {estimate >> 20} MiB, over the server's limit of "
                 f"{app.config['MAX_RESPONSE_BYTES'] >> 20} MiB; ask for one head or a shorter text")
+
+    @app.get("/")
+    def viewer() -> Response:
+        return app.send_static_file("index.html")
 
     @app.get("/health")
     def health() -> Response:

@@ -1,0 +1,234 @@
+// Page wiring: the text box and token chips, the three views, their exports.
+import * as api from "./api.js";
+import { drawAttention } from "./attention.js";
+import { saveJSON, savePNG, saveSVG } from "./export.js";
+import { drawLens } from "./lens.js";
+import { showToken } from "./svg.js";
+import { drawTrajectories } from "./trajectories.js";
+
+const $ = (selector) => document.querySelector(selector);
+
+// An element with properties, then attributes (for the ARIA ones that have no property).
+function make(tag, props, attrs = {}) {
+  const node = Object.assign(document.createElement(tag), props);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  return node;
+}
+
+const state = { model: null, text: "", tokens: [], traced: new Set() };
+
+function showError(err) {
+  $("#error").textContent = err.message;
+  $("#error").hidden = false;
+}
+
+function clearError() {
+  $("#error").hidden = true;
+}
+
+// Marks `box` busy (its loading indicator shows) while `work` runs; errors go to the page.
+// Counted, so that an overtaken request finishing does not end a newer one's indicator.
+async function busy(box, work) {
+  box.dataset.pending = Number(box.dataset.pending ?? 0) + 1;
+  box.setAttribute("aria-busy", "true");
+  try {
+    return await work();
+  } catch (err) {
+    showError(err);
+    return null;
+  } finally {
+    box.dataset.pending -= 1;
+    box.setAttribute("aria-busy", box.dataset.pending !== "0");
+  }
+}
+
+function options(select, items, selected) {
+  select.replaceChildren(...items.map(([value, label]) => new Option(label, value, false, value === selected)));
+}
+
+// Each view: `key` names the request its figure needs (a changed key refetches, the same key
+// only redraws), `request` fetches it, `draw` makes the figure, `name` is the download name.
+const views = {
+  trajectories: {
+    key: () => [...state.traced].join(","),
+    request: () => api.trace(state.text, [...state.traced].sort((a, b) => a - b)),
+    draw: drawTrajectories,
+    name: () => "trajectories",
+  },
+  attention: {
+    key: () => $("#attn-layer").value,
+    request: () => api.attention(state.text, Number($("#attn-layer").value)),
+    draw: (data, readout) => drawAttention(data, Number($("#attn-head").value), readout, (head) => {
+      $("#attn-head").value = head;
+      show("attention");
+      views.attention.panel.querySelector(`[data-head="${head}"]`)?.focus();
+    }),
+    name: () => `attention-L${$("#attn-layer").value}-H${$("#attn-head").value}`,
+  },
+  lens: {
+    key: () => `${$("#lens-pos").value}/${$("#lens-k").value}`,
+    request: () => api.predict(state.text, Number($("#lens-pos").value), Number($("#lens-k").value)),
+    draw: drawLens,
+    name: () => `lens-pos${$("#lens-pos").value}`,
+  },
+};
+
+function activeView() {
+  return $('[role="tab"][aria-selected="true"]').id.replace("tab-", "");
+}
+
+async function show(name) {
+  const view = views[name];
+  const box = view.panel.querySelector(".figure-box");
+  if (!state.text) return;
+  const key = `${state.text}\n${view.key()}`;
+  if (view.dataKey !== key) {
+    view.dataKey = key;
+    view.data = null;
+    const data = await busy(view.panel, view.request);
+    if (view.dataKey !== key) return;  // a newer request took over while this one ran
+    view.data = data;
+    if (!data) view.dataKey = null;  // failed: the next show() retries
+  }
+  view.figure = view.data && view.draw(view.data, view.panel.querySelector(".readout"));
+  box.replaceChildren(...(view.figure ? [view.figure] : []));
+  view.panel.querySelectorAll(".exports button").forEach((b) => { b.disabled = !view.figure; });
+}
+
+function renderChips() {
+  const bos = state.model?.bos_token_id;
+  $("#token-count").textContent = state.tokens.length ? `${state.tokens.length} tokens` : "";
+  $("#chips").replaceChildren(...state.tokens.map((t) => {
+    const isBos = t.index === 0 && t.token_id === bos;
+    const chip = make("button", {
+      type: "button",
+      className: isBos ? "chip bos" : "chip",
+      textContent: isBos ? "BOS" : showToken(t.token_str, 24),
+      title: `#${t.index} · id ${t.token_id} · ${JSON.stringify(t.token_str)}${isBos ? " (beginning of sequence)" : ""}`,
+    }, { "aria-pressed": state.traced.has(t.index) });
+    chip.addEventListener("click", () => {
+      if (state.traced.has(t.index) && state.traced.size === 1) return;  // trace needs a token
+      state.traced.has(t.index) ? state.traced.delete(t.index) : state.traced.add(t.index);
+      chip.setAttribute("aria-pressed", state.traced.has(t.index));
+      if (activeView() === "trajectories") show("trajectories");
+    });
+    return chip;
+  }));
+}
+
+let analyzing = 0;
+
+async function analyze() {
+  const text = $("#text").value;
+  const run = ++analyzing;
+  clearError();
+  const result = await busy($("#tokens"), () => api.tokenize(text));
+  if (run !== analyzing) return;
+  state.text = result ? text : "";
+  state.tokens = result ? result.tokens : [];
+  // Same default as /trace: every token but BOS.
+  state.traced = new Set(state.tokens.length > 1 ? state.tokens.slice(1).map((t) => t.index) : [0]);
+  options($("#lens-pos"), state.tokens.map((t) => [String(t.index), `#${t.index} ${showToken(t.token_str, 20)}`]),
+          String(state.tokens.length - 1));
+  renderChips();
+  for (const view of Object.values(views)) {
+    view.dataKey = view.data = view.figure = null;
+    view.panel.querySelector(".figure-box").replaceChildren();
+    view.panel.querySelector(".readout").textContent = "";
+    view.panel.querySelectorAll(".exports button").forEach((b) => { b.disabled = true; });
+  }
+  show(activeView());
+}
+
+function selectTab(tab) {
+  for (const other of document.querySelectorAll('[role="tab"]')) {
+    const on = other === tab;
+    other.setAttribute("aria-selected", on);
+    other.tabIndex = on ? 0 : -1;
+    $(`#${other.getAttribute("aria-controls")}`).hidden = !on;
+  }
+  show(activeView());
+}
+
+function setUpTabs() {
+  const tabs = [...document.querySelectorAll('[role="tab"]')];
+  tabs.forEach((tab, i) => {
+    tab.addEventListener("click", () => selectTab(tab));
+    tab.addEventListener("keydown", (event) => {
+      const step = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
+      if (!step) return;
+      const next = tabs[(i + step + tabs.length) % tabs.length];
+      next.focus();
+      selectTab(next);
+    });
+  });
+}
+
+// What every view's panel has besides its own controls.
+function setUpPanels() {
+  const formats = {
+    png: (view) => savePNG(view.figure, `${view.name()}.png`),
+    svg: (view) => saveSVG(view.figure, `${view.name()}.svg`),
+    json: (view) => saveJSON(view.data, `${view.name()}.json`),
+  };
+  for (const [name, view] of Object.entries(views)) {
+    view.panel = $(`#panel-${name}`);
+    const exports = make("span", { className: "exports" });
+    view.panel.querySelector(".toolbar").append(
+      make("span", { className: "loading", textContent: "Loading…" }, { role: "status" }), exports);
+    view.panel.append(make("div", { className: "figure-box" }),
+                      make("p", { className: "readout" }, { "aria-live": "polite" }));
+    exports.append(...Object.entries(formats).map(([format, save]) => {
+      const button = make("button", { type: "button", textContent: format.toUpperCase(), disabled: true },
+                          { "data-export": format, "aria-label": `Download ${name} as ${format.toUpperCase()}` });
+      button.addEventListener("click", async () => {
+        try {
+          await save(view);
+        } catch (err) {
+          showError(err);
+        }
+      });
+      return button;
+    }));
+  }
+}
+
+function showModel(info) {
+  const random = info.weights === "random";
+  $("#model").replaceChildren(
+    make("strong", { textContent: info.name }),
+    ` · ${info.n_layers} layers · ${info.n_heads} heads · d_model ${info.d_model} · ${info.device} ${info.dtype} `,
+    make("span", { className: `weights ${random ? "random" : "pretrained"}`,
+                   textContent: random ? "RANDOM WEIGHTS" : "pretrained weights" }),
+  );
+  $("#random-warning").hidden = !random;
+  const range = (n, label) => Array.from({ length: n }, (_, i) => [String(i), `${label}${i}`]);
+  options($("#attn-layer"), range(info.n_layers, "L"), "0");
+  options($("#attn-head"), range(info.n_heads, "H"), "0");
+}
+
+async function start() {
+  setUpTabs();
+  setUpPanels();
+  $("#input-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    analyze();
+  });
+  $("#text").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey) {
+      event.preventDefault();
+      analyze();
+    }
+  });
+  $("#attn-layer").addEventListener("change", () => show("attention"));
+  $("#attn-head").addEventListener("change", () => show("attention"));
+  $("#lens-pos").addEventListener("change", () => show("lens"));
+  $("#lens-k").addEventListener("change", () => show("lens"));
+  state.model = await busy($("#model"), api.getModel);
+  if (state.model) {
+    showModel(state.model);
+    analyze();
+  }
+}
+
+start();

@@ -1,0 +1,241 @@
+"""The browser viewer at GET /, driven in real headless Chromium against the app on the tiny model.
+
+Every count the page shows is checked against the API's own answer for the same request.
+Screenshots of each view land in test-artifacts/. Skipped when Chromium or Playwright is missing
+(.ci/run installs Chromium so CI runs these).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+from app import create_app
+from tests.conftest import TEXT
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+TIMEOUT_MS = 15_000
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    """The real app (same factory as `python app.py`) on a free loopback port, in a thread."""
+    app = create_app(model=tiny_model)
+    httpd = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}", app.test_client()
+    httpd.shutdown()
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    """A fresh page on the viewer, its first (default text) analysis done; fails the test on any
+    uncaught script error, console error or failed page asset."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    # API errors are expected in some tests (and checked there); Chromium also logs them.
+    page.on("console", lambda msg: msg.type == "error" and not msg.text.startswith("Failed to load resource")
+            and problems.append(f"console: {msg.text}"))
+    page.on("response", lambda r: r.status >= 400 and r.request.method == "GET"
+            and problems.append(f"GET {r.url}: {r.status}"))
+    page.goto(server[0] + "/")
+    page.wait_for_selector("#panel-trajectories .figure")
+    yield page
+    context.close()
+    assert not problems, problems
+
+
+def api(server, path: str, body: dict) -> dict:
+    response = server[1].post(path, json=body)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def analyze(page, text: str) -> None:
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+    page.wait_for_function("t => document.querySelector('#token-count').textContent.length > 0 && "
+                           "document.querySelector('#tokens').getAttribute('aria-busy') === 'false'",
+                           arg=text)
+
+
+def open_view(page, name: str):
+    page.click(f"#tab-{name}")
+    panel = page.locator(f"#panel-{name}")
+    panel.locator(".figure").wait_for()
+    page.wait_for_function(f"document.querySelector('#panel-{name}').getAttribute('aria-busy') === 'false'")
+    return panel
+
+
+def choose(page, panel, select: str, value: str) -> None:
+    """Pick an option of a view's control and wait until the view has redrawn."""
+    old = panel.locator("svg.figure").element_handle()
+    page.select_option(select, value)
+    page.wait_for_function("old => !old.isConnected", arg=old)
+    panel.locator("svg.figure").wait_for()
+
+
+def hover_text(page, locator) -> str:
+    """The tooltip shown while the mouse is over `locator`."""
+    locator.hover()
+    return page.locator("#tip").inner_text()
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"viewer-{name}.png"), full_page=True)
+
+
+def test_model_and_token_chips(page, server):
+    info = server[1].get("/model").get_json()
+    header = page.locator("#model").inner_text()
+    assert info["name"] in header and f"{info['n_layers']} layers" in header
+    # The tiny model is a saved checkpoint, so no random-weights warning.
+    assert page.locator("#random-warning").is_hidden()
+    assert page.locator(".weights").inner_text() == ("RANDOM WEIGHTS" if info["weights"] == "random"
+                                                     else "pretrained weights")
+
+    analyze(page, TEXT)
+    tokens = api(server, "/tokenize", {"text": TEXT})["tokens"]
+    chips = page.locator("#chips .chip")
+    assert chips.count() == len(tokens)
+    assert page.locator("#chips .chip.bos").count() == 1
+    assert chips.nth(0).inner_text() == "BOS"
+    assert f"id {tokens[2]['token_id']}" in chips.nth(2).get_attribute("title")
+
+
+def test_random_weights_are_flagged(page, server):
+    # The tiny model is a saved checkpoint; answer /model as a --random-weights server would.
+    info = {**server[1].get("/model").get_json(), "weights": "random"}
+    page.route("**/model", lambda route: route.fulfill(json=info))
+    page.reload()
+    page.locator("#random-warning").wait_for(state="visible")
+    assert page.locator(".weights.random").inner_text() == "RANDOM WEIGHTS"
+
+
+def test_trajectories(page, server):
+    panel = open_view(page, "trajectories")
+    answer = api(server, "/trace", {"text": page.input_value("#text")})
+    n_layers = len(next(iter(answer["trajectories"].values())))
+    assert panel.locator("circle.point").count() == len(answer["tokens"]) * n_layers
+    assert panel.locator("g.trajectory").count() == len(answer["tokens"])
+    ev1, ev2 = answer["pca_explained_variance"]
+    assert f"PC1 ({ev1 * 100:.1f}% of variance)" in panel.locator("svg").text_content()
+    assert "layer 1" in hover_text(page, panel.locator("circle.point").nth(1))
+    screenshot(page, "trajectories")
+
+    # Deselecting a token chip re-traces without it.
+    page.locator("#chips .chip").nth(1).click()
+    page.wait_for_function(f"document.querySelectorAll('#panel-trajectories g.trajectory').length === "
+                           f"{len(answer['tokens']) - 1}")
+
+
+def test_attention(page, server):
+    analyze(page, TEXT)
+    panel = open_view(page, "attention")
+    choose(page, panel, "#attn-layer", "2")
+    answer = api(server, "/attention", {"text": TEXT, "layer": 2})
+    n_tokens = len(answer["tokens"])
+    assert panel.locator("rect.cell").count() == n_tokens * n_tokens
+    assert panel.locator(".head-tile").count() == answer["n_heads"]
+
+    # A head tile picks the heatmap's head; the hovered cell reads the API's value.
+    panel.locator('.head-tile[data-head="3"]').click()
+    page.wait_for_function("document.querySelector('#attn-head').value === '3'")
+    tip = hover_text(page, panel.locator("rect.cell").nth(n_tokens + 1))  # query 1, key 1
+    assert tip.endswith(f"{answer['attention_matrix'][3][1][1]:.4f}")
+
+    # Keyboard: focus the figure, go to the first cell, then one row down; the readout follows.
+    panel.locator("svg.figure").focus()
+    page.keyboard.press("Home")
+    page.keyboard.press("ArrowDown")
+    assert panel.locator(".readout").inner_text().startswith("query #1")
+    screenshot(page, "attention")
+
+
+def test_logit_lens(page, server):
+    analyze(page, TEXT)
+    panel = open_view(page, "lens")
+    choose(page, panel, "#lens-k", "3")
+    position = int(page.input_value("#lens-pos"))
+    answer = api(server, "/predict", {"text": TEXT, "token_index": position, "top_k": 3})
+    rows = answer["predictions_by_layer"]
+    assert panel.locator(".lens-row").count() == len(rows) == server[1].get("/model").get_json()["n_layers"]
+    assert panel.locator(".lens-cell").count() == len(rows) * 3
+    top = rows[-1]["top_tokens"][0]
+    assert f"id {top['token_id']}" in hover_text(page, panel.locator(".lens-row").last.locator(".lens-cell").first)
+    screenshot(page, "lens")
+
+
+def test_loading_indicator(page):
+    held = []  # the /predict request, held back until the indicator has been seen
+    page.route("**/predict", lambda route: held.append(route))
+    page.click("#tab-lens")
+    page.locator("#panel-lens .loading").wait_for(state="visible")
+    assert len(held) == 1 and page.locator("#panel-lens .figure").count() == 0
+    held[0].continue_()
+    page.locator("#panel-lens .figure").wait_for()
+    assert page.locator("#panel-lens .loading").is_hidden()
+
+
+@pytest.mark.parametrize("view, path, params", [
+    ("trajectories", "/trace", {}),
+    ("attention", "/attention", {"layer": 0}),
+    ("lens", "/predict", {"top_k": 5}),  # position: the last token
+])
+def test_exports(page, server, view, path, params):
+    panel = open_view(page, view)
+    saved = {}
+    for fmt in ("png", "svg", "json"):
+        with page.expect_download() as download:
+            panel.locator(f'.exports button[data-export="{fmt}"]').click()
+        target = ARTIFACTS / f"export-{view}.{fmt}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        download.value.save_as(target)
+        saved[fmt] = target.read_bytes()
+    assert saved["png"].startswith(b"\x89PNG\r\n\x1a\n")
+    assert b"<svg" in saved["svg"][:200] and saved["svg"].rstrip().endswith(b"</svg>")
+    text = page.input_value("#text")
+    if view == "lens":
+        params["token_index"] = len(api(server, "/tokenize", {"text": text})["tokens"]) - 1
+    assert json.loads(saved["json"]) == api(server, path, {"text": text, **params})
+
+
+def test_api_error_is_shown(page, server):
+    long_text = "word " * 100  # over the tiny model's 64-token context
+    message = server[1].post("/tokenize", json={"text": long_text}).get_json()["error"]
+    page.fill("#text", long_text)
+    page.click("#analyze")
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    assert error.inner_text() == message
+    assert page.locator("#chips .chip").count() == 0
+    assert page.locator("#panel-trajectories .figure").count() == 0
+    screenshot(page, "error")
+
+    analyze(page, TEXT)  # the next good request clears it
+    assert error.is_hidden()
