@@ -31,3 +31,6 @@ from explorer.plots import (  # noqa: E402
     plot_trajectories,
     project_2d,
 )
+
+__all__ += ["plot_attention_heatmap", "plot_logit_lens", "plot_token_probabilities", "plot_trajectories",
+            "project_2d"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -47,7 +48,7 @@ def _heatmap(ax: Axes, matrix: np.ndarray, tokens: Sequence[str]) -> None:
     ax.figure.colorbar(image, ax=ax, shrink=0.8)
 
 
-def plot_attention_heatmap(attention: Mapping[str, Any] | Any, tokens: Sequence[str] | None = None,
+def plot_attention_heatmap(attention: Mapping[str, Any] | ArrayLike, tokens: Sequence[str] | None = None,
                            *, ax: Axes | None = None, title: str | None = None) -> Figure:
     """Attention pattern(s): one heatmap for one head, a grid of heatmaps (one per head) for a layer.
 
@@ -90,7 +91,7 @@ def plot_attention_heatmap(attention: Mapping[str, Any] | Any, tokens: Sequence[
     return fig
 
 
-def project_2d(points: Any, method: str = "pca", seed: int = 0) -> np.ndarray:
+def project_2d(points: ArrayLike, method: str = "pca", seed: int = 0) -> np.ndarray:
     """Project [..., d_model] points to [..., 2] with one projection fit on all of them.
 
     `method` is "pca" (scikit-learn) or "umap" (needs the optional `umap-learn` package; raises
@@ -116,7 +117,7 @@ def project_2d(points: Any, method: str = "pca", seed: int = 0) -> np.ndarray:
     return xy.reshape(*x.shape[:-1], 2)
 
 
-def plot_trajectories(trajectories: Mapping[str, Any] | Any, tokens: Sequence[str] | None = None,
+def plot_trajectories(trajectories: Mapping[str, Any] | ArrayLike, tokens: Sequence[str] | None = None,
                       *, method: str = "pca", ax: Axes | None = None, title: str | None = None) -> Figure:
     """Each token's path through the layers in 2D: one line per token, one marker per layer.
 
@@ -175,7 +176,7 @@ def plot_logit_lens(predict: Mapping[str, Any], *, ax: Axes | None = None,
     return fig
 
 
-def plot_token_probabilities(probabilities: Mapping[str, Any] | Any, tokens: Sequence[str] | None = None,
+def plot_token_probabilities(probabilities: Mapping[str, Any] | ArrayLike, tokens: Sequence[str] | None = None,
                              *, ax: Axes | None = None, title: str | None = None) -> Figure:
     """Probability of a few candidate next tokens at every layer: one line per token.
 
