@@ -110,7 +110,7 @@ def project_2d(points: ArrayLike, method: str = "pca", seed: int = 0) -> np.ndar
             raise ImportError("method='umap' needs umap-learn: pip install umap-learn") from exc
         # UMAP needs n_neighbors < n_points; its default (15) is too many for a short text.
         reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(flat) - 1), random_state=seed,
-                            n_jobs=1)  # n_jobs=1: a seeded UMAP is single-threaded anyway
+                            n_jobs=1)  # seeding forces one thread anyway; saying so silences its warning
         xy = reducer.fit_transform(flat)
     else:
         raise ValueError(f"method must be one of {', '.join(PROJECTIONS)}, got {method!r}")
