@@ -22,3 +22,15 @@ __all__ = [
     "ModelWorker", "Overloaded", "Run", "attention", "forward", "gpt2_tokenizer", "lens_top_k",
     "load_model", "predictions", "random_gpt2", "trace",
 ]
+
+# Plotting (matplotlib is imported only when a plot function is called, never by the server).
+from explorer.plots import (  # noqa: E402
+    plot_attention_heatmap,
+    plot_logit_lens,
+    plot_token_probabilities,
+    plot_trajectories,
+    project_2d,
+)
+
+__all__ += ["plot_attention_heatmap", "plot_logit_lens", "plot_token_probabilities", "plot_trajectories",
+            "project_2d"]

@@ -1,0 +1,213 @@
+"""Matplotlib figures of the explorer's outputs, for notebooks and scripts.
+
+Every function takes either the JSON-ready dict that `Explorer` (or the HTTP API, after
+`response.json()`) returns, or plain arrays, and returns a new `matplotlib.figure.Figure`
+(or draws on `ax` when one is given). Figures are built without pyplot, so they work under any
+backend, hold no global state, and need no display: `fig.savefig("out.png")` in a script; in
+Jupyter a figure shows when it is a cell's last value (run `%matplotlib inline` first).
+
+matplotlib is imported inside the functions so that importing this module (and `model_utils`,
+which re-exports it) does not load matplotlib into the server.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+PROJECTIONS = ("pca", "umap")
+
+
+def _label(token: str) -> str:
+    """A token string safe as a matplotlib label: `$` would start mathtext, newlines break rows."""
+    return token.replace("$", r"\$").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def _axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _heatmap(ax: Axes, matrix: np.ndarray, tokens: Sequence[str]) -> None:
+    """One [query, key] pattern on `ax`, token strings on both axes."""
+    image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0)
+    labels = [_label(t) for t in tokens]
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query")
+    ax.figure.colorbar(image, ax=ax, shrink=0.8)
+
+
+def plot_attention_heatmap(attention: Mapping[str, Any] | ArrayLike, tokens: Sequence[str] | None = None,
+                           *, ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Attention pattern(s): one heatmap for one head, a grid of heatmaps (one per head) for a layer.
+
+    `attention` is an `/attention` response (`attention_matrix`, `tokens`, `layer`, `head`) or an
+    array [seq, seq] / [n_heads, seq, seq] with `tokens` its seq token strings. Rows are queries,
+    columns keys; cell (q, k) is how much position q attends to position k. `ax` is only accepted
+    for a single head.
+    """
+    if isinstance(attention, Mapping):
+        matrix = np.asarray(attention["attention_matrix"], dtype=float)
+        tokens = attention["tokens"]
+        head = attention.get("head")
+        title = title or f"layer {attention['layer']}" + ("" if head is None else f", head {head}")
+    else:
+        matrix = np.asarray(attention, dtype=float)
+        if tokens is None:
+            raise ValueError("tokens are required when attention is an array")
+    if matrix.ndim == 2:
+        fig, ax = _axes(ax, (6, 5))
+        _heatmap(ax, matrix, tokens)
+        if title:
+            ax.set_title(title)
+        return fig
+    if ax is not None:
+        raise ValueError("ax can only be given for a single head's [seq, seq] pattern")
+    from matplotlib.figure import Figure
+
+    n_heads = matrix.shape[0]
+    cols = min(n_heads, 4)
+    rows = -(-n_heads // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.8 * rows), layout="constrained")
+    for head, sub in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
+        if head < n_heads:
+            _heatmap(sub, matrix[head], tokens)
+            sub.set_title(f"head {head}")
+        else:
+            sub.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def project_2d(points: ArrayLike, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """Project [..., d_model] points to [..., 2] with one projection fit on all of them.
+
+    `method` is "pca" (scikit-learn) or "umap" (needs the optional `umap-learn` package; raises
+    ImportError without it). UMAP is seeded, so repeated calls give the same layout.
+    """
+    x = np.asarray(points, dtype=np.float64)
+    flat = x.reshape(-1, x.shape[-1])
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        xy = PCA(n_components=2, svd_solver="full").fit_transform(flat)
+    elif method == "umap":
+        try:
+            import umap
+        except ImportError as exc:
+            raise ImportError("method='umap' needs umap-learn: pip install umap-learn") from exc
+        # UMAP needs n_neighbors < n_points; its default (15) is too many for a short text.
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(flat) - 1), random_state=seed,
+                            n_jobs=1)  # seeding forces one thread anyway; saying so silences its warning
+        xy = reducer.fit_transform(flat)
+    else:
+        raise ValueError(f"method must be one of {', '.join(PROJECTIONS)}, got {method!r}")
+    return xy.reshape(*x.shape[:-1], 2)
+
+
+def plot_trajectories(trajectories: Mapping[str, Any] | ArrayLike, tokens: Sequence[str] | None = None,
+                      *, method: str = "pca", ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Each token's path through the layers in 2D: one line per token, one marker per layer.
+
+    `trajectories` is either a `/trace` response (already projected by the server's shared PCA;
+    `method` must stay "pca") or an array of residual states [n_layers, n_tokens, d_model] (e.g.
+    `run.resid[:, indices]`) that is projected here with `project_2d(..., method)`. `tokens`
+    labels the array's tokens. The first layer is marked with a circle, the last with a star.
+    """
+    if isinstance(trajectories, Mapping):
+        if method != "pca":
+            raise ValueError("a /trace response is already PCA-projected; pass residual arrays for UMAP")
+        keys = [str(i) for i in trajectories["token_indices"]]
+        xy = np.array([[(p["x"], p["y"]) for p in trajectories["trajectories"][k]] for k in keys])
+        tokens = [t["token_str"] for t in trajectories["tokens"]]
+    else:
+        resid = np.asarray(trajectories, dtype=np.float64)
+        xy = project_2d(resid.transpose(1, 0, 2), method)  # -> [n_tokens, n_layers, 2]
+        tokens = tokens if tokens is not None else [str(i) for i in range(xy.shape[0])]
+    fig, ax = _axes(ax, (6, 5))
+    for path, token in zip(xy, tokens):
+        (line,) = ax.plot(path[:, 0], path[:, 1], marker=".", label=_label(token))
+        ax.plot(*path[0], marker="o", color=line.get_color(), linestyle="none")
+        ax.plot(*path[-1], marker="*", markersize=12, color=line.get_color(), linestyle="none")
+    ax.set_xlabel(f"{method.upper()} 1")
+    ax.set_ylabel(f"{method.upper()} 2")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title or f"residual stream trajectories ({method.upper()})")
+    return fig
+
+
+def _lens_grid(predict: Mapping[str, Any]) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
+    """`predictions_by_layer` as probabilities [n_layers, top_k] and the token dicts per cell."""
+    cells = [layer["top_tokens"] for layer in predict["predictions_by_layer"]]
+    return np.array([[t["probability"] for t in row] for row in cells]), cells
+
+
+def plot_logit_lens(predict: Mapping[str, Any], *, ax: Axes | None = None,
+                    title: str | None = None) -> Figure:
+    """Logit lens of one position (a `/predict` response): rows are layers (last on top), columns
+    the top-k ranks; each cell names the token and is coloured by its probability."""
+    probs, cells = _lens_grid(predict)
+    n_layers, top_k = probs.shape
+    fig, ax = _axes(ax, (1.3 * top_k + 2, 0.45 * n_layers + 1.5))
+    image = ax.imshow(probs, cmap="Blues", aspect="auto", origin="lower", vmin=0.0)
+    threshold = probs.max() / 2  # white text on dark cells
+    for layer in range(n_layers):
+        for rank in range(top_k):
+            ax.text(rank, layer, _label(cells[layer][rank]["token"]), ha="center", va="center", fontsize=7,
+                    color="white" if probs[layer, rank] > threshold else "black")
+    ax.set_xticks(range(top_k), [f"#{r + 1}" for r in range(top_k)])
+    ax.set_yticks(range(n_layers), [str(l["layer"]) for l in predict["predictions_by_layer"]])
+    ax.set_xlabel("rank")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, label="probability")
+    ax.set_title(title or f"logit lens at token {predict['token_index']} ('{_label(predict['token_str'])}')")
+    return fig
+
+
+def plot_token_probabilities(probabilities: Mapping[str, Any] | ArrayLike, tokens: Sequence[str] | None = None,
+                             *, ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Probability of a few candidate next tokens at every layer: one line per token.
+
+    `probabilities` is a `/predict` response (lines for the last layer's top-k tokens; where a
+    token is outside a layer's top-k the response does not hold its probability, so that point
+    is a gap: ask for a larger top_k to fill them) or an array [n_layers, n_tokens] with `tokens`
+    naming its columns. The y axis is logarithmic: lens probabilities span orders of magnitude.
+    """
+    if isinstance(probabilities, Mapping):
+        grid, cells = _lens_grid(probabilities)
+        # Match by id: distinct ids can decode to the same string (e.g. partial UTF-8 bytes).
+        column = {t["token_id"]: c for c, t in enumerate(cells[-1])}
+        tokens = [t["token"] for t in cells[-1]]
+        probs = np.full((grid.shape[0], len(tokens)), np.nan)
+        for layer, row in enumerate(cells):
+            for rank, t in enumerate(row):
+                if t["token_id"] in column:
+                    probs[layer, column[t["token_id"]]] = grid[layer, rank]
+        title = title or f"next-token probabilities at token {probabilities['token_index']}"
+    else:
+        probs = np.asarray(probabilities, dtype=float)
+        if tokens is None:
+            raise ValueError("tokens are required when probabilities is an array")
+    fig, ax = _axes(ax, (6, 4))
+    layers = np.arange(probs.shape[0])
+    for column, token in enumerate(tokens):
+        ax.plot(layers, probs[:, column], marker="o", label=_label(token))
+    ax.set_yscale("log")
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("probability")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title or "next-token probabilities by layer")
+    return fig

@@ -1,0 +1,150 @@
+"""explorer.plots on the tiny model: each figure holds one artist per item of the data it was given."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from model_utils import (
+    Explorer,
+    plot_attention_heatmap,
+    plot_logit_lens,
+    plot_token_probabilities,
+    plot_trajectories,
+    project_2d,
+)
+from tests.conftest import TEXT
+
+HAVE_UMAP = importlib.util.find_spec("umap") is not None
+
+
+@pytest.fixture(scope="module")
+def explorer(tiny_model) -> Explorer:
+    return Explorer(tiny_model)
+
+
+def http_json(payload: dict) -> dict:
+    """What a client gets back from the API: nested lists instead of numpy arrays."""
+    import orjson
+
+    return json.loads(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def test_importing_model_utils_does_not_load_matplotlib():
+    code = "import sys, model_utils; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("head", [0, 3])
+def test_attention_single_head(explorer, head):
+    response = explorer.attention(TEXT, 1, head)
+    seq = len(response["tokens"])
+    fig = plot_attention_heatmap(http_json(response))
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]  # the others are colorbars
+    (image,) = ax.images
+    np.testing.assert_allclose(image.get_array(), response["attention_matrix"])
+    assert image.get_array().shape == (seq, seq)
+    assert [t.get_text() for t in ax.get_xticklabels()] == response["tokens"]
+    assert ax.get_title() == f"layer 1, head {head}"
+
+
+def test_attention_all_heads_one_panel_each(explorer, tiny_model):
+    response = explorer.attention(TEXT, 2, None)
+    n_heads = int(tiny_model.cfg.n_heads)
+    fig = plot_attention_heatmap(response)
+    panels = [ax for ax in fig.axes if ax.images and ax.get_title().startswith("head")]
+    assert len(panels) == n_heads
+    for head, ax in enumerate(panels):
+        np.testing.assert_allclose(ax.images[0].get_array(), response["attention_matrix"][head])
+
+
+def test_attention_array_input_needs_tokens(explorer):
+    matrix = explorer.attention(TEXT, 0, 0)["attention_matrix"]
+    with pytest.raises(ValueError, match="tokens"):
+        plot_attention_heatmap(matrix)
+    fig = plot_attention_heatmap(matrix, [f"t{i}" for i in range(len(matrix))], title="mine")
+    assert fig.axes[0].get_title() == "mine"
+
+
+def test_trajectories_from_trace_response(explorer, tiny_model):
+    response = http_json(explorer.trace(TEXT, [1, 3, 5]))
+    fig = plot_trajectories(response)
+    ax = fig.axes[0]
+    n_layers = int(tiny_model.cfg.n_layers)
+    paths = [line for line in ax.lines if len(line.get_xdata()) > 1]
+    assert len(paths) == 3  # one path per token, plus a start and an end marker each
+    assert len(ax.lines) == 3 * 3
+    for path, index in zip(paths, response["token_indices"]):
+        points = response["trajectories"][str(index)]
+        assert len(path.get_xdata()) == n_layers
+        np.testing.assert_allclose(path.get_xdata(), [p["x"] for p in points])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [t["token_str"] for t in response["tokens"]]
+    with pytest.raises(ValueError, match="UMAP"):
+        plot_trajectories(response, method="umap")
+
+
+def test_trajectories_from_arrays_pca(explorer, tiny_model):
+    resid = explorer.run(TEXT).resid.numpy()  # [n_layers, seq, d_model]
+    fig = plot_trajectories(resid, method="pca")
+    paths = [line for line in fig.axes[0].lines if len(line.get_xdata()) > 1]
+    assert len(paths) == resid.shape[1]
+    assert all(len(p.get_xdata()) == resid.shape[0] for p in paths)
+    xy = project_2d(resid.transpose(1, 0, 2))
+    np.testing.assert_allclose(paths[2].get_ydata(), xy[2, :, 1])
+
+
+@pytest.mark.skipif(not HAVE_UMAP, reason="umap-learn is not installed")
+def test_trajectories_umap(explorer):
+    resid = explorer.run(TEXT).resid.numpy()
+    fig = plot_trajectories(resid[:, 1:], method="umap")
+    paths = [line for line in fig.axes[0].lines if len(line.get_xdata()) > 1]
+    assert len(paths) == resid.shape[1] - 1
+    assert fig.axes[0].get_xlabel() == "UMAP 1"
+
+
+def test_project_2d_rejects_unknown_method():
+    with pytest.raises(ValueError, match="pca, umap"):
+        project_2d(np.zeros((4, 8)), method="tsne")
+
+
+def test_logit_lens_one_cell_per_layer_and_rank(explorer, tiny_model):
+    response = http_json(explorer.predict(TEXT, 4, 5))
+    fig = plot_logit_lens(response)
+    ax = fig.axes[0]
+    n_layers = int(tiny_model.cfg.n_layers)
+    (image,) = ax.images
+    assert image.get_array().shape == (n_layers, 5)
+    assert len(ax.texts) == n_layers * 5
+    top = response["predictions_by_layer"][-1]["top_tokens"][0]
+    assert ax.texts[(n_layers - 1) * 5].get_text() == top["token"]
+    assert image.get_array()[n_layers - 1, 0] == pytest.approx(top["probability"])
+
+
+def test_token_probabilities_from_predict(explorer, tiny_model):
+    response = explorer.predict(TEXT, 4, 4)
+    fig = plot_token_probabilities(response)
+    ax = fig.axes[0]
+    n_layers = int(tiny_model.cfg.n_layers)
+    assert len(ax.lines) == 4  # the last layer's top-4 tokens
+    last = response["predictions_by_layer"][-1]["top_tokens"]
+    for line, token in zip(ax.lines, last):
+        assert len(line.get_ydata()) == n_layers
+        assert line.get_ydata()[-1] == pytest.approx(token["probability"])
+        assert line.get_label() == token["token"]
+
+
+def test_token_probabilities_from_array():
+    probs = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    fig = plot_token_probabilities(probs, ["a$b", " c"])
+    lines = fig.axes[0].lines
+    assert len(lines) == 2
+    np.testing.assert_allclose(lines[1].get_ydata(), probs[:, 1])
+    assert lines[0].get_label() == r"a\$b"  # escaped: a lone `$` would start mathtext
+    fig.savefig(io.BytesIO(), format="png")  # renders without a display or pyplot
