@@ -125,7 +125,8 @@ def load_model(
     try:
         if random_weights:
             with tempfile.TemporaryDirectory(prefix="explorer-random-") as tmp:
-                hf_model = random_gpt2(tmp).to(DTYPES[dtype])
+                # boot_transformers leaves a given hf_model where it is: move it ourselves
+                hf_model = random_gpt2(tmp).to(device=device, dtype=DTYPES[dtype])
                 bridge = TransformerBridge.boot_transformers(
                     tmp, device=device, dtype=DTYPES[dtype], hf_model=hf_model
                 )
