@@ -1,5 +1,5 @@
 # `make run` serves the API (add ARGS="--random-weights" offline); `make test` runs every test.
-# Both create the virtualenv on first use.
+# Both create the virtualenv on first use. `make bench` prints the performance table.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,6 +18,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Latency, memory, startup and concurrency table (~10 min on 2 cores); see bench/RESULTS.md.
+bench: $(VENV)/.installed
+	$(PY) -m bench.bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,17 +10,19 @@ from explorer.analysis import (
     attention,
     forward,
     lens_top_k,
+    pca_2d,
     predictions,
     trace,
+    trace_pca,
 )
-from explorer.engine import ByteLRU, ModelWorker, Overloaded, Run
+from explorer.engine import ByteLRU, ModelWorker, Overloaded, Run, tune_allocator
 from explorer.loading import LoadedModel, ModelLoadError, gpt2_tokenizer, load_model, random_gpt2
 from explorer.service import Explorer
 
 __all__ = [
     "ByteLRU", "Explorer", "InvalidRequest", "LENS_TOP_K_MAX", "LoadedModel", "ModelLoadError",
     "ModelWorker", "Overloaded", "Run", "attention", "forward", "gpt2_tokenizer", "lens_top_k",
-    "load_model", "predictions", "random_gpt2", "trace",
+    "load_model", "pca_2d", "predictions", "random_gpt2", "trace", "trace_pca", "tune_allocator",
 ]
 
 # Plotting (matplotlib is imported only when a plot function is called, never by the server).

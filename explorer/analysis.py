@@ -5,6 +5,8 @@ the others work on a cached `Run` and return plain JSON types.
 """
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,29 +41,36 @@ def forward(bridge: Any, token_ids: Sequence[int]) -> Run:
     Hooks are attached for this call only (`bridge.hooks` removes them on exit) and the pass
     stops after the last block, skipping the [seq, d_vocab] unembedding a plain forward pays.
     """
-    n_layers = int(bridge.cfg.n_layers)
-    tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=bridge.cfg.device)
-    store: dict[str, torch.Tensor] = {}
+    cfg = bridge.cfg
+    n_layers, seq = int(cfg.n_layers), len(token_ids)
+    tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=cfg.device)
+    # Each hook copies into tensors preallocated on the model's device (patterns straight to
+    # float16), so no layer's float32 pattern outlives its block and nothing is stacked
+    # afterwards: at 1024 tokens that is 600 MB less to allocate and copy. On a GPU the run stays
+    # there: copying it to the host would cost several forward passes.
+    resid = torch.empty(n_layers, seq, int(cfg.d_model), dtype=torch.float32, device=cfg.device)
+    patterns = torch.empty(n_layers, int(cfg.n_heads), seq, seq, dtype=torch.float16, device=cfg.device)
+    seen: set[str] = set()
     last = resid_hook(n_layers - 1)
 
-    def keep(name: str):
+    def keep(name: str, out: torch.Tensor):
         def hook(tensor: torch.Tensor, hook: Any) -> None:
-            store[name] = tensor[0].detach()
+            out.copy_(tensor[0].detach())  # callers outside inference_mode (notebooks) too
+            seen.add(name)
             if name == last:
                 raise _StopForward
         return hook
 
-    names = [pattern_hook(l) for l in range(n_layers)] + [resid_hook(l) for l in range(n_layers)]
+    hooks = [(pattern_hook(l), keep(pattern_hook(l), patterns[l])) for l in range(n_layers)]
+    hooks += [(resid_hook(l), keep(resid_hook(l), resid[l])) for l in range(n_layers)]
     try:
-        with bridge.hooks(fwd_hooks=[(name, keep(name)) for name in names]):
+        with bridge.hooks(fwd_hooks=hooks):
             bridge(tokens)
     except _StopForward:
         pass
-    missing = [n for n in names if n not in store]
+    missing = [name for name, _ in hooks if name not in seen]
     if missing:
         raise RuntimeError(f"forward pass did not reach hooks {missing[:3]}")
-    resid = torch.stack([store[resid_hook(l)] for l in range(n_layers)]).float().cpu()
-    patterns = torch.stack([store[pattern_hook(l)] for l in range(n_layers)]).half().cpu()
     return Run(token_ids=tokens[0].cpu(), resid=resid, patterns=patterns)
 
 
@@ -85,27 +94,91 @@ def check_token_indices(token_indices: Sequence[int] | None, seq: int, n_layers:
     return list(token_indices)
 
 
-def trace(run: Run, token_indices: Sequence[int]) -> dict[str, Any]:
-    """Per-token trajectories through every layer, projected by one shared 2D PCA.
+_PCA_LOCK = threading.Lock()
 
-    The PCA is fit on resid[:, token_indices] ([n_layers * len(indices), d_model]) so all points
-    share one coordinate system. Indices must pass `check_token_indices`.
+
+@functools.cache
+def _blas() -> Any:
+    """numpy's and scipy's BLAS libraries (found once: `threadpool_limits` rescans them, ~1 ms)."""
+    import scipy.linalg  # noqa: F401  (loads scipy's own BLAS so the controller sees it)
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _top2(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two largest eigenpairs of a symmetric PSD [m, m] matrix: (values [2], vectors [m, 2]).
+
+    Largest first. Lanczos (ARPACK) from a fixed start, run to machine precision, is 5-10x faster
+    than LAPACK's dense solver at these sizes and deterministic; tiny matrices and the cases
+    ARPACK refuses (a zero matrix) take the dense solver.
     """
-    from sklearn.decomposition import PCA
+    from scipy.linalg import eigh
+    from scipy.sparse.linalg import ArpackError, eigsh
 
-    n_layers = run.resid.shape[0]
-    points = run.resid[:, list(token_indices), :].transpose(0, 1).reshape(-1, run.resid.shape[-1])
-    # Both solvers are exact; the covariance one is ~50x faster for 1000 tokens x 12 layers.
-    solver = "covariance_eigh" if points.shape[0] >= points.shape[1] else "full"
-    pca = PCA(n_components=2, svd_solver=solver)
-    xy = pca.fit_transform(points.double().numpy()).reshape(len(token_indices), n_layers, 2)
+    m = sym.shape[0]
+    with _blas().limit(limits=1, user_api="blas"):  # matrix-vector products: one thread is faster
+        try:
+            if m <= 8:
+                raise ArpackError(0)
+            v0 = np.random.default_rng(0).standard_normal(m)
+            values, vectors = eigsh(sym, k=2, which="LA", v0=v0, tol=0)
+        except ArpackError:
+            values, vectors = eigh(sym, subset_by_index=[m - 2, m - 1])
+    order = np.argsort(values)[::-1]
+    return values[order].clip(min=0), vectors[:, order]
+
+
+def pca_2d(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact 2D PCA of [n_points, d] points: ([n_points, 2] coordinates, explained-variance ratios).
+
+    Equal to scikit-learn's `PCA(n_components=2)`, sign included (the tests check it), but it only
+    computes the two components asked for: the top-2 eigenpairs of the smaller of the Gram
+    [n, n] and covariance [d, d] matrices. Each component is signed so that its largest loading
+    is positive, as scikit-learn does. Row order does not change the result. numpy, not torch:
+    on a CPU its float64 products run ~2x faster.
+    """
+    x = points - points.mean(axis=0)
+    n, d = x.shape
+    # BLAS thread limits are process-wide: one PCA at a time, so each runs with the same thread
+    # counts and rounds the same way (answers stay byte-identical under concurrency).
+    with _PCA_LOCK:
+        if n <= d:
+            values, u = _top2(x @ x.T)
+            loadings = x.T @ u  # components scaled by sqrt(values): enough to choose the sign
+            coords = u * np.sqrt(values)
+        else:
+            values, loadings = _top2(x.T @ x)
+            coords = x @ loadings
+    coords *= np.sign(loadings[np.abs(loadings).argmax(axis=0), [0, 1]])
+    total = float(np.einsum("ij,ij->", x, x))
+    return coords, (values / total if total > 0 else np.zeros(2))
+
+
+def trace_pca(run: Run, token_indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """One shared 2D PCA of the requested tokens' states at every layer.
+
+    Fit on resid[:, token_indices] ([n_layers * len(indices), d_model]) so all points share one
+    coordinate system. Returns (xy [len(indices), n_layers, 2], explained-variance ratios [2]).
+    Indices must pass `check_token_indices`.
+    """
+    n_layers, _, d_model = run.resid.shape
+    index = torch.tensor(list(token_indices), dtype=torch.long, device=run.resid.device)
+    points = run.resid.index_select(1, index).reshape(-1, d_model)  # layer-major rows
+    flat, explained = pca_2d(points.to("cpu", torch.float64).numpy())
+    return flat.reshape(n_layers, len(index), 2).transpose(1, 0, 2), explained
+
+
+def trace(pca: tuple[np.ndarray, np.ndarray], token_indices: Sequence[int]) -> dict[str, Any]:
+    """Per-token trajectories from `trace_pca` output, as the /trace response fields."""
+    xy, explained = pca
     return {
         "trajectories": {
-            str(i): [{"layer": l, "x": float(xy[k, l, 0]), "y": float(xy[k, l, 1])} for l in range(n_layers)]
+            str(i): [{"layer": l, "x": float(xy[k, l, 0]), "y": float(xy[k, l, 1])} for l in range(xy.shape[1])]
             for k, i in enumerate(token_indices)
         },
         "token_indices": list(token_indices),
-        "pca_explained_variance": [float(v) for v in pca.explained_variance_ratio_],
+        "pca_explained_variance": [float(v) for v in explained],
     }
 
 
@@ -115,16 +188,21 @@ def attention(run: Run, layer: int, head: int | None) -> np.ndarray:
     Rounded to ATTENTION_DECIMALS; `layer` and `head` must be in range (`check_index`).
     """
     pattern = run.patterns[layer] if head is None else run.patterns[layer, head]
-    return np.round(pattern.float().numpy(), ATTENTION_DECIMALS)
+    return np.round(pattern.cpu().float().numpy(), ATTENTION_DECIMALS)
 
 
-def lens_top_k(bridge: Any, run: Run, position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+Lens = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def lens_top_k(bridge: Any, run: Run, position: int) -> Lens:
     """Logit lens at one position: softmax(unembed(ln_final(resid_post_l))) for every layer l.
 
     Returns (probs [n_layers, K], logits [n_layers, K], ids [n_layers, K]) of the top
-    K = LENS_TOP_K_MAX tokens, sorted by probability. Only this position is projected.
+    K = LENS_TOP_K_MAX tokens, sorted by probability. Only this position is projected. Always
+    one position per call: a batched matmul rounds differently in the last bits, and a
+    prefetched answer must be byte-identical to one computed on demand.
     """
-    x = run.resid[:, position, :].unsqueeze(0).to(device=bridge.cfg.device, dtype=bridge.cfg.dtype)
+    x = run.resid[:, position, :].unsqueeze(0).to(dtype=bridge.cfg.dtype)
     logits = bridge.unembed(bridge.ln_final(x))[0].float()  # [n_layers, d_vocab]
     k = min(LENS_TOP_K_MAX, logits.shape[-1])
     top_logits, ids = logits.topk(k, dim=-1)
@@ -132,7 +210,7 @@ def lens_top_k(bridge: Any, run: Run, position: int) -> tuple[np.ndarray, np.nda
     return probs.cpu().numpy(), top_logits.cpu().numpy(), ids.cpu().numpy()
 
 
-def predictions(lens: tuple[np.ndarray, np.ndarray, np.ndarray], top_k: int,
+def predictions(lens: Lens, top_k: int,
                 token_strs: Sequence[str]) -> list[dict[str, Any]]:
     """`predictions_by_layer` from `lens_top_k` output; `token_strs` decodes vocabulary ids."""
     probs, logits, ids = lens

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .analysis import pca_2d
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -94,15 +96,14 @@ def plot_attention_heatmap(attention: Mapping[str, Any] | ArrayLike, tokens: Seq
 def project_2d(points: ArrayLike, method: str = "pca", seed: int = 0) -> np.ndarray:
     """Project [..., d_model] points to [..., 2] with one projection fit on all of them.
 
-    `method` is "pca" (scikit-learn) or "umap" (needs the optional `umap-learn` package; raises
-    ImportError without it). UMAP is seeded, so repeated calls give the same layout.
+    `method` is "pca" (`analysis.pca_2d`, equal to scikit-learn's) or "umap" (needs the optional
+    `umap-learn` package; raises ImportError without it). UMAP is seeded, so repeated calls give
+    the same layout.
     """
     x = np.asarray(points, dtype=np.float64)
     flat = x.reshape(-1, x.shape[-1])
     if method == "pca":
-        from sklearn.decomposition import PCA
-
-        xy = PCA(n_components=2, svd_solver="full").fit_transform(flat)
+        xy = pca_2d(flat)[0]
     elif method == "umap":
         try:
             import umap

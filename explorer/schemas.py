@@ -109,10 +109,20 @@ class ModelInfo(BaseModel):
     bos_token_id: Optional[int]
 
 
+class CacheStats(BaseModel):
+    entries: int = Field(description="Cached items (forward passes, lens positions, trace projections).")
+    bytes: int = Field(description="Bytes they hold; never above max_bytes.")
+    max_bytes: int = Field(description="The bound (--cache-mb).")
+    hits: int
+    misses: int
+    computations: int = Field(description="Items computed for requests (prefetch not counted).")
+
+
 class Health(BaseModel):
     status: str
     model: str
     queue: int = Field(description="Model requests waiting for the worker.")
+    cache: CacheStats
 
 
 class Error(BaseModel):

@@ -11,6 +11,10 @@ from .engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, ByteLRU, ModelWorke
 from .loading import LoadedModel
 
 TOKENIZE_CACHE_ENTRIES = 512
+# After a /predict, idle time computes the lens of this many positions nearest the asked one, so
+# clicking through positions is served from cache. One position per idle job: a request waits
+# for one lens projection at most.
+PREFETCH_POSITIONS = 64
 
 
 class Explorer:
@@ -69,7 +73,9 @@ class Explorer:
     def trace(self, text: str, token_indices: Sequence[int] | None) -> dict[str, Any]:
         _, strs = self.tokens(text)
         indices = analysis.check_token_indices(token_indices, len(strs), int(self.model.cfg.n_layers))
-        result = analysis.trace(self.run(text), indices)
+        run = self.run(text)
+        pca = self.cache.get_or_compute(("trace", text, tuple(indices)), lambda: analysis.trace_pca(run, indices))
+        result = analysis.trace(pca, indices)
         return {"tokens": [{"index": i, "token_str": strs[i]} for i in indices], **result}
 
     def attention(self, text: str, layer: int, head: int | None) -> dict[str, Any]:
@@ -97,8 +103,21 @@ class Explorer:
         bridge = self.model.bridge
         lens = self.cache.get_or_compute(("lens", text, token_index),
                                          lambda: analysis.lens_top_k(bridge, run, token_index))
+        self._prefetch_lens(text, token_index, len(ids))
         return {
             "token_index": token_index,
             "token_str": strs[token_index],
             "predictions_by_layer": analysis.predictions(lens, top_k, self.vocab_strs),
         }
+
+    def _prefetch_lens(self, text: str, position: int, seq: int) -> None:
+        """Queue idle-time lens computations for the positions nearest `position` not cached yet."""
+        for p in sorted(range(seq), key=lambda p: (abs(p - position), p))[:PREFETCH_POSITIONS]:
+            if self.cache.get(("lens", text, p)) is None:
+                self.worker.submit_idle(("lens", text, p), lambda p=p: self._fill_lens(text, p))
+
+    def _fill_lens(self, text: str, position: int) -> None:
+        """Idle job: cache the lens at `position` unless it is there or the run was evicted."""
+        run = self.cache.get(("run", text))
+        if run is not None and self.cache.get(("lens", text, position)) is None:
+            self.cache.fill(("lens", text, position), analysis.lens_top_k(self.model.bridge, run, position))

@@ -42,10 +42,16 @@ def test_contract_shapes(client, tiny_model):
     assert set(pred["predictions_by_layer"][0]["top_tokens"][0]) >= {"token", "probability"}
 
 
-def test_endpoints_share_one_forward_pass(app, client):
+def test_endpoints_share_one_forward_pass(app, client, monkeypatch):
+    from explorer import analysis
+
+    forwards: list[tuple[int, ...]] = []
+    real_forward = analysis.forward
+    monkeypatch.setattr(analysis, "forward", lambda bridge, ids: forwards.append(tuple(ids)) or real_forward(bridge, ids))
     cache = app.extensions["explorer"].cache
     text = "A text no other test uses, for counting forward passes."
     client.post("/attention", json={"text": text, "layer": 0})
+    assert len(forwards) == 1
     before = cache.stats()["computations"]
     for layer in range(3):
         for head in range(4):
@@ -53,8 +59,10 @@ def test_endpoints_share_one_forward_pass(app, client):
     assert client.post("/trace", json={"text": text}).status_code == 200
     assert client.post("/predict", json={"text": text, "token_index": 2}).status_code == 200
     assert client.post("/predict", json={"text": text, "token_index": 2, "top_k": 7}).status_code == 200
-    # one lens projection for position 2 (shared by both top_k values), no further forward pass
-    assert cache.stats()["computations"] == before + 1
+    # no further forward pass; one trace PCA and one lens projection for position 2 (shared by
+    # both top_k values)
+    assert len(forwards) == 1
+    assert cache.stats()["computations"] == before + 2
 
 
 def err(resp, status: int) -> str:

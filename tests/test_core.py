@@ -6,6 +6,7 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
+from model_utils import pca_2d
 from tests.conftest import TEXT, hf_reference
 
 TEXTS = [TEXT, "Hello, world! Ünïcödé → 数学 and emoji 🙂 too.", "  leading spaces\nand\ttabs  "]
@@ -92,7 +93,7 @@ def test_lens_last_layer_is_model_output_exactly(tiny_model):
     assert top_ids[-1, 0] == int(expected.indices[0])
 
 
-# 40 tokens x 3 layers = 120 points > d_model 64 takes the covariance solver; the rest, full SVD
+# 40 tokens x 3 layers = 120 points > d_model 64 takes the covariance branch; the rest, the Gram one
 PCA_TEXT = "One two three four five six seven eight nine ten. " * 4
 
 
@@ -116,11 +117,25 @@ def test_trace_matches_independent_pca(client, hf_model, tiny_model, text, indic
     got = np.array([[[p["x"], p["y"]] for p in data["trajectories"][str(i)]] for i in expected_indices])
     for i in expected_indices:
         assert [p["layer"] for p in data["trajectories"][str(i)]] == list(range(n_layers))
-    for axis in range(2):  # principal axes are defined up to sign
-        sign = np.sign(np.dot(got[..., axis].ravel(), want[..., axis].ravel())) or 1.0
-        np.testing.assert_allclose(got[..., axis], sign * want[..., axis], atol=1e-4)
+    # Principal axes are defined up to sign; ours follow scikit-learn's convention, so no flip.
+    np.testing.assert_allclose(got, want, atol=1e-4)
     np.testing.assert_allclose(data["pca_explained_variance"], pca.explained_variance_ratio_, atol=1e-6)
     assert 0 < sum(data["pca_explained_variance"]) <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("shape", [(5, 40), (30, 40), (400, 40)])  # dense solver, Gram, covariance
+def test_pca_2d_equals_sklearn(shape):
+    rng = np.random.default_rng(1)
+    points = rng.standard_normal(shape) * np.geomspace(50, 0.1, shape[1]) + 7.0
+    got, ratio = pca_2d(points)
+    pca = PCA(n_components=2, svd_solver="full")
+    np.testing.assert_allclose(got, pca.fit_transform(points), atol=1e-9)
+    np.testing.assert_allclose(ratio, pca.explained_variance_ratio_, atol=1e-12)
+
+
+def test_pca_2d_of_identical_points_is_zero():
+    got, ratio = pca_2d(np.ones((20, 40)))
+    assert not got.any() and not np.asarray(ratio).any()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -32,10 +32,16 @@ def mixed_requests() -> list[tuple[str, dict]]:
     return reqs
 
 
-def test_eight_concurrent_clients_get_single_client_answers(tiny_model):
+def test_eight_concurrent_clients_get_single_client_answers(tiny_model, monkeypatch):
+    from explorer import analysis
+
     reqs = mixed_requests()
     single = create_app(model=tiny_model).test_client()
     expected = [single.post(path, json=body).data for path, body in reqs]
+    calls: dict[str, list] = {"forward": [], "trace_pca": [], "lens_top_k": []}
+    for name in calls:
+        real = getattr(analysis, name)
+        monkeypatch.setattr(analysis, name, lambda *a, _real=real, _log=calls[name]: _log.append(a[1:]) or _real(*a))
     app = create_app(model=tiny_model)  # fresh cache: the concurrent clients race to compute
 
     def call(i: int) -> bytes:
@@ -50,9 +56,13 @@ def test_eight_concurrent_clients_get_single_client_answers(tiny_model):
         got = list(pool.map(call, order))
     mismatches = sum(g != expected[i] for g, i in zip(got, order))
     assert mismatches == 0
-    stats = app.extensions["explorer"].cache.stats()
-    # single-flight: one forward per text and one lens per (text, position), however many clients
-    assert stats["computations"] == len(TEXTS) * (1 + 3)
+    # single-flight: one forward and one trace PCA per text, and each (text, position) lens
+    # once, whether a request or idle-time prefetch computed it, however many clients raced
+    assert app.extensions["explorer"].worker.wait_idle(30)
+    assert len(calls["forward"]) == len(TEXTS)
+    assert len(calls["trace_pca"]) == len(TEXTS)
+    lens = [(id(run), pos) for run, pos in calls["lens_top_k"]]
+    assert len(lens) == len(set(lens)) >= len(TEXTS) * 3
 
 
 def blocked_worker(app):
