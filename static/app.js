@@ -17,24 +17,31 @@ function make(tag, props, attrs = {}) {
 
 const state = { model: null, text: "", tokens: [], traced: new Set() };
 
-function showError(err) {
+// The banner shows the latest failure; `source` names what failed (a view, "tokens", ...) so
+// that the next success of the same source clears it, and nothing else does.
+function showError(err, source) {
   $("#error").textContent = err.message;
+  $("#error").dataset.source = source;
   $("#error").hidden = false;
 }
 
-function clearError() {
-  $("#error").hidden = true;
+function clearError(source = null) {
+  if (source === null || $("#error").dataset.source === source) $("#error").hidden = true;
 }
 
-// Marks `box` busy (its loading indicator shows) while `work` runs; errors go to the page.
-// Counted, so that an overtaken request finishing does not end a newer one's indicator.
-async function busy(box, work) {
+// Marks `box` busy (its loading indicator shows) while `work` runs; its error goes to the page
+// unless `current()` says a newer request of the same source took over (a stale failure must
+// not cover a newer answer). Counted, so that an overtaken request finishing does not end a
+// newer one's indicator.
+async function busy(box, work, source, current = () => true) {
   box.dataset.pending = Number(box.dataset.pending ?? 0) + 1;
   box.setAttribute("aria-busy", "true");
   try {
-    return await work();
+    const result = await work();
+    if (current()) clearError(source);
+    return result;
   } catch (err) {
-    showError(err);
+    if (current()) showError(err, source);
     return null;
   } finally {
     box.dataset.pending -= 1;
@@ -85,7 +92,7 @@ async function show(name) {
   if (view.dataKey !== key) {
     view.dataKey = key;
     view.data = null;
-    const data = await busy(view.panel, view.request);
+    const data = await busy(view.panel, view.request, name, () => view.dataKey === key);
     if (view.dataKey !== key) return;  // a newer request took over while this one ran
     view.data = data;
     if (!data) view.dataKey = null;  // failed: the next show() retries
@@ -122,7 +129,7 @@ async function analyze() {
   const text = $("#text").value;
   const run = ++analyzing;
   clearError();
-  const result = await busy($("#tokens"), () => api.tokenize(text));
+  const result = await busy($("#tokens"), () => api.tokenize(text), "tokens", () => run === analyzing);
   if (run !== analyzing) return;
   state.text = result ? text : "";
   state.tokens = result ? result.tokens : [];
@@ -185,7 +192,7 @@ function setUpPanels() {
         try {
           await save(view);
         } catch (err) {
-          showError(err);
+          showError(err, "export");
         }
       });
       return button;
@@ -224,7 +231,7 @@ async function start() {
   $("#attn-head").addEventListener("change", () => show("attention"));
   $("#lens-pos").addEventListener("change", () => show("lens"));
   $("#lens-k").addEventListener("change", () => show("lens"));
-  state.model = await busy($("#model"), api.getModel);
+  state.model = await busy($("#model"), api.getModel, "model");
   if (state.model) {
     showModel(state.model);
     analyze();

@@ -239,3 +239,19 @@ def test_api_error_is_shown(page, server):
 
     analyze(page, TEXT)  # the next good request clears it
     assert error.is_hidden()
+
+
+def test_stale_error_does_not_cover_a_newer_answer(page, server):
+    """A request overtaken by a newer one of the same view fails late: its error stays hidden."""
+    held = []
+    page.route("**/predict", lambda route: held.append(route) if not held else route.continue_())
+    page.click("#tab-lens")
+    page.locator("#panel-lens .loading").wait_for(state="visible")
+    assert len(held) == 1
+    panel = page.locator("#panel-lens")
+    page.select_option("#lens-pos", "1")  # the newer request, answered at once
+    panel.locator(".figure").wait_for()
+    held[0].fulfill(status=400, content_type="application/json", body=json.dumps({"error": "stale failure"}))
+    page.wait_for_function("document.querySelector('#panel-lens').getAttribute('aria-busy') === 'false'")
+    assert page.locator("#error").is_hidden()
+    assert panel.locator(".lens-row").count() == server[1].get("/model").get_json()["n_layers"]
