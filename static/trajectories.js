@@ -2,8 +2,12 @@
 // plane of the /trace answer.
 import { PALETTE, el, figure, readable, showToken } from "./svg.js";
 
-const W = 940;
+const W = 940, H = 520;
 const M = { left: 56, right: 170, top: 50, bottom: 48 };
+const ROW = 18;
+// Legend rows that fit beside the plot; past that the last row counts the rest (every path
+// still has its end label and hover text), so a 1000-token trace keeps a readable plot.
+const LEGEND_ROWS = Math.floor((H - M.top - M.bottom) / ROW);
 
 const pct = (v) => `${(v * 100).toFixed(1)}%`;
 
@@ -20,7 +24,6 @@ function extent(values) {
 
 export function drawTrajectories(data, readout) {
   const [ev1, ev2] = data.pca_explained_variance;
-  const H = Math.max(520, M.top + M.bottom + data.tokens.length * 18);  // room for the legend
   const paths = data.tokens.map((t) => data.trajectories[String(t.index)]);
   const all = paths.flat();
   const nLayers = paths[0].length;
@@ -68,10 +71,17 @@ export function drawTrajectories(data, readout) {
     group.append(el("text", { x: x(last.x) + 6, y: y(last.y) - 6, "font-size": 10, fill: color,
                               "font-weight": 600 }, `L${last.layer} ${showToken(token.token_str, 10)}`));
     svg.append(group);
-    svg.append(el("circle", { cx: W - M.right + 20, cy: M.top + 8 + k * 18, r: 5, fill: color }),
-               el("text", { x: W - M.right + 30, y: M.top + 12 + k * 18 },
-                  `#${token.index} ${showToken(token.token_str, 16)}`));
+    const listed = data.tokens.length <= LEGEND_ROWS || k < LEGEND_ROWS - 1;
+    if (listed) {
+      svg.append(el("circle", { cx: W - M.right + 20, cy: M.top + 8 + k * ROW, r: 5, fill: color, class: "legend" }),
+                 el("text", { x: W - M.right + 30, y: M.top + 12 + k * ROW },
+                    `#${token.index} ${showToken(token.token_str, 16)}`));
+    }
   });
+  if (data.tokens.length > LEGEND_ROWS) {
+    svg.append(el("text", { x: W - M.right + 14, y: M.top + 12 + (LEGEND_ROWS - 1) * ROW, fill: "#555" },
+                  `… and ${data.tokens.length - LEGEND_ROWS + 1} more tokens`));
+  }
   readable(svg, points, nLayers, (i) => describe[i], readout);
   return svg;
 }

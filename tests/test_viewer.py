@@ -154,6 +154,21 @@ def test_trajectories(page, server):
                            f"{len(answer['tokens']) - 1}")
 
 
+def test_many_traced_tokens_keep_the_plot_readable(page, server):
+    text = "one two three four five six seven eight nine ten " * 4
+    analyze(page, text)
+    panel = open_view(page, "trajectories")
+    n = len(api(server, "/trace", {"text": text})["tokens"])
+    rows = (520 - 50 - 48) // 18  # legend rows beside the plot: the last counts the rest
+    assert n > rows
+    svg = panel.locator("svg.figure")
+    assert svg.get_attribute("height") == "520"  # the same plot as for a short text
+    assert panel.locator("circle.legend").count() == rows - 1
+    assert f"… and {n - rows + 1} more tokens" in svg.text_content()
+    assert panel.locator("g.trajectory").count() == n
+    screenshot(page, "trajectories-many")
+
+
 def test_attention(page, server):
     analyze(page, TEXT)
     panel = open_view(page, "attention")
