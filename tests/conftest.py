@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from app import create_app
+from explorer import analysis
 from model_utils import load_model, random_gpt2
 
 TINY = {"n_layer": 3, "n_head": 4, "n_embd": 64, "n_positions": 64}
@@ -55,6 +56,16 @@ def app(tiny_model):
 @pytest.fixture()
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture()
+def calls(monkeypatch) -> dict[str, list]:
+    """Counts every call of the functions that do model or PCA work (argument tuples, minus the first)."""
+    log: dict[str, list] = {"forward": [], "lens_top_k": [], "trace_pca": []}
+    for name in log:
+        real = getattr(analysis, name)
+        monkeypatch.setattr(analysis, name, lambda *a, _real=real, _log=log[name]: _log.append(a[1:]) or _real(*a))
+    return log
 
 
 def hf_reference(hf_model, ids: list[int]) -> dict[str, torch.Tensor]:

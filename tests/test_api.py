@@ -42,12 +42,8 @@ def test_contract_shapes(client, tiny_model):
     assert set(pred["predictions_by_layer"][0]["top_tokens"][0]) >= {"token", "probability"}
 
 
-def test_endpoints_share_one_forward_pass(app, client, monkeypatch):
-    from explorer import analysis
-
-    forwards: list[tuple[int, ...]] = []
-    real_forward = analysis.forward
-    monkeypatch.setattr(analysis, "forward", lambda bridge, ids: forwards.append(tuple(ids)) or real_forward(bridge, ids))
+def test_endpoints_share_one_forward_pass(app, client, calls):
+    forwards = calls["forward"]
     cache = app.extensions["explorer"].cache
     text = "A text no other test uses, for counting forward passes."
     client.post("/attention", json={"text": text, "layer": 0})

@@ -10,20 +10,9 @@ import numpy as np
 import orjson
 import pytest
 
-from explorer import analysis
 from explorer.engine import ByteLRU, ModelWorker
 from explorer.service import PREFETCH_POSITIONS, Explorer
 from tests.conftest import TEXT
-
-
-@pytest.fixture()
-def calls(monkeypatch) -> dict[str, list]:
-    """Counts every call of the functions that do model or PCA work (argument tuples, minus the first)."""
-    log: dict[str, list] = {"forward": [], "lens_top_k": [], "trace_pca": []}
-    for name in log:
-        real = getattr(analysis, name)
-        monkeypatch.setattr(analysis, name, lambda *a, _real=real, _log=log[name]: _log.append(a[1:]) or _real(*a))
-    return log
 
 
 def every_endpoint(ex: Explorer, text: str) -> list[bytes]:
