@@ -117,13 +117,15 @@ def _top2(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from scipy.sparse.linalg import ArpackError, eigsh
 
     m = sym.shape[0]
+    values = vectors = None
     with _blas().limit(limits=1, user_api="blas"):  # matrix-vector products: one thread is faster
-        try:
-            if m <= 8:
-                raise ArpackError(0)
-            v0 = np.random.default_rng(0).standard_normal(m)
-            values, vectors = eigsh(sym, k=2, which="LA", v0=v0, tol=0)
-        except ArpackError:
+        if m > 8:
+            try:
+                v0 = np.random.default_rng(0).standard_normal(m)
+                values, vectors = eigsh(sym, k=2, which="LA", v0=v0, tol=0)
+            except ArpackError:
+                pass
+        if values is None:
             values, vectors = eigh(sym, subset_by_index=[m - 2, m - 1])
     order = np.argsort(values)[::-1]
     return values[order].clip(min=0), vectors[:, order]
