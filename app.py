@@ -7,17 +7,18 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
-import orjson
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from explorer import openapi, schemas
+from explorer import openapi, web
 from explorer.analysis import InvalidRequest
 from explorer.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, Overloaded, tune_allocator
+from explorer.jobs import JobManager
 from explorer.loading import LoadedModel, ModelLoadError, load_model, resolve_device
-from explorer.service import Explorer
+from explorer.service import Explorer, Models
+from explorer.web.common import UnsupportedType, error
 
 log = logging.getLogger("explorer")
 
@@ -39,29 +40,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(body, status=status, mimetype="application/json", headers=headers)
-
-
-def error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
-    return json_response({"error": message}, status, headers)
-
-
-def request_json() -> Any:
-    """The body as strict JSON (no NaN/Infinity, no lone surrogates); 415 if it is not JSON."""
-    if request.mimetype != "application/json":
-        raise UnsupportedType()
-    try:
-        return orjson.loads(request.get_data(cache=False))
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON ({exc})") from None
-
-
-class UnsupportedType(Exception):
-    pass
-
-
 def host_name(host: str) -> str:
     """`host[:port]` of a Host header -> host, keeping IPv6 brackets."""
     if host.startswith("["):
@@ -69,8 +47,10 @@ def host_name(host: str) -> str:
     return host.rsplit(":", 1)[0]
 
 
-def create_app(config: dict[str, Any] | None = None, model: LoadedModel | None = None) -> Flask:
-    """Build the app. `model` is injected by tests; otherwise it is loaded from `config`."""
+def create_app(config: dict[str, Any] | None = None,
+               model: LoadedModel | Sequence[LoadedModel] | None = None) -> Flask:
+    """Build the app. `model` (one, or several: the first is the default) is injected by tests;
+    otherwise `config["MODEL"]` is loaded."""
     app = Flask(__name__, static_folder="static")  # the viewer: GET / and /static/*
     app.config.update(DEFAULTS)
     app.config.update(config or {})
@@ -78,12 +58,18 @@ def create_app(config: dict[str, Any] | None = None, model: LoadedModel | None =
     if model is None:
         model = load_model(app.config["MODEL"], random_weights=app.config["RANDOM_WEIGHTS"],
                            device=app.config["DEVICE"], dtype=app.config["DTYPE"])
-    explorer = Explorer(model, cache_bytes=app.config["CACHE_BYTES"], queue_size=app.config["QUEUE_SIZE"])
-    app.extensions["explorer"] = explorer
+    loaded = [model] if isinstance(model, LoadedModel) else list(model)
+    models = Models([Explorer(m, cache_bytes=app.config["CACHE_BYTES"], queue_size=app.config["QUEUE_SIZE"])
+                     for m in loaded])
+    app.extensions["models"] = models
+    app.extensions["explorer"] = models.default
+    app.extensions["jobs"] = JobManager()
+    app.extensions["openapi"] = openapi.build(models.default.model.info())
+    web.register(app)
 
     from flask_cors import CORS
     CORS(app, origins=app.config["CORS_ORIGINS"], supports_credentials=False,
-         expose_headers=["Server-Timing", "Retry-After"])
+         expose_headers=["Server-Timing", "Retry-After", "Location"])
 
     @app.before_request
     def check_host() -> Response | None:
@@ -127,55 +113,6 @@ def create_app(config: dict[str, Any] | None = None, model: LoadedModel | None =
     def internal(exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.path)
         return error("internal error (details are in the server log)", 500)
-
-    def check_size(elements: int) -> None:
-        # 7 bytes bound one rounded float and its comma ("0.1234,"): refuse before building.
-        estimate = elements * 7
-        if estimate > app.config["MAX_RESPONSE_BYTES"]:
-            raise InvalidRequest(
-                f"the response would be about {estimate >> 20} MiB, over the server's limit of "
-                f"{app.config['MAX_RESPONSE_BYTES'] >> 20} MiB; ask for one head or a shorter text")
-
-    @app.get("/")
-    def viewer() -> Response:
-        return app.send_static_file("index.html")
-
-    @app.get("/health")
-    def health() -> Response:
-        return json_response({"status": "ok", "model": model.name, "queue": explorer.worker.pending(),
-                              "cache": explorer.cache.stats()})
-
-    @app.get("/model")
-    def model_info() -> Response:
-        return json_response(model.info())
-
-    spec = openapi.build(model.info())
-
-    @app.get("/openapi.json")
-    def openapi_json() -> Response:
-        return json_response(spec)
-
-    @app.post("/tokenize")
-    def tokenize() -> Response:
-        req = schemas.parse(schemas.TextRequest, request_json())
-        return json_response(explorer.tokenize(req.text))
-
-    @app.post("/trace")
-    def trace() -> Response:
-        req = schemas.parse(schemas.TraceRequest, request_json())
-        return json_response(explorer.trace(req.text, req.token_indices))
-
-    @app.post("/attention")
-    def attention() -> Response:
-        req = schemas.parse(schemas.AttentionRequest, request_json())
-        seq = len(explorer.tokens(req.text)[0])
-        check_size(seq * seq * (1 if req.head is not None else int(model.cfg.n_heads)))
-        return json_response(explorer.attention(req.text, req.layer, req.head))
-
-    @app.post("/predict")
-    def predict() -> Response:
-        req = schemas.parse(schemas.PredictRequest, request_json())
-        return json_response(explorer.predict(req.text, req.token_index, req.top_k))
 
     return app
 

@@ -196,6 +196,14 @@ def attention(run: Run, layer: int, head: int | None) -> np.ndarray:
 Lens = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+def readout(bridge: Any, resid: torch.Tensor) -> torch.Tensor:
+    """Logits of residual states [batch, pos, d_model] -> [batch, pos, d_vocab]: the final norm,
+    the unembedding and the architecture's own output transform (Gemma's logit soft-capping),
+    so the last layer's readout equals the model's output. The one place every lens, metric and
+    patched run reads logits from."""
+    return bridge.adapter.apply_output_logits_transform(bridge.unembed(bridge.ln_final(resid)))
+
+
 def lens_top_k(bridge: Any, run: Run, position: int) -> Lens:
     """Logit lens at one position: softmax(unembed(ln_final(resid_post_l))) for every layer l.
 
@@ -205,7 +213,7 @@ def lens_top_k(bridge: Any, run: Run, position: int) -> Lens:
     prefetched answer must be byte-identical to one computed on demand.
     """
     x = run.resid[:, position, :].unsqueeze(0).to(dtype=bridge.cfg.dtype)
-    logits = bridge.unembed(bridge.ln_final(x))[0].float()  # [n_layers, d_vocab]
+    logits = readout(bridge, x)[0].float()  # [n_layers, d_vocab]
     k = min(LENS_TOP_K_MAX, logits.shape[-1])
     top_logits, ids = logits.topk(k, dim=-1)
     probs = (top_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()

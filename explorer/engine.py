@@ -79,10 +79,13 @@ class ModelWorker:
         self._thread.start()
         _WORKERS.add(self)
 
-    def submit(self, fn: Callable[[], T]) -> "Future[T]":
+    def submit(self, fn: Callable[[], T], bounded: bool = True) -> "Future[T]":
+        """Queue `fn`. `bounded=False` is for the next chunk of work already admitted (a job's
+        continuation): it queues behind the requests waiting now, so they run first, and is
+        never refused."""
         fut: Future[T] = Future()
         with self._cv:
-            if len(self._jobs) >= self.queue_size:
+            if bounded and len(self._jobs) >= self.queue_size:
                 raise Overloaded(f"the model queue is full ({self.queue_size} requests waiting); retry shortly")
             self._jobs.append((fn, fut))
             self._cv.notify_all()
@@ -94,6 +97,10 @@ class ModelWorker:
             if not self._closed and key not in self._idle:
                 self._idle[key] = fn
                 self._cv.notify_all()
+
+    def on_worker(self) -> bool:
+        """Whether the caller is this worker's thread (which must never wait on its own queue)."""
+        return threading.current_thread() is self._thread
 
     def pending(self) -> int:
         """Requests waiting (idle work not counted)."""
@@ -166,6 +173,16 @@ class ByteLRU:
         self.computations = 0
 
     def get_or_compute(self, key: Hashable, fn: Callable[[], T]) -> T:
+        """Cached value of `key`, computing it with `fn` on the worker if needed. Called from the
+        worker thread itself (a job's chunk), it computes inline instead of queueing behind itself."""
+        if self.worker.on_worker():
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return self._items[key]
+                self.misses += 1
+            return self._compute(key, fn)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)

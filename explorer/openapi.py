@@ -1,15 +1,19 @@
 """The OpenAPI 3 document, generated from the pydantic models in `schemas` plus the loaded
-model's sizes (so `layer`'s maximum reads 11 for GPT-2 small and 2 for a 3-layer model)."""
+model's sizes (so `layer`'s maximum reads 11 for GPT-2 small and 2 for a 3-layer model).
+
+Topic modules add their endpoints to `POSTS` (and to `ASYNC` when they accept `"async": true`).
+"""
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from . import schemas
 from .analysis import LENS_TOP_K_MAX
 
-POSTS = {
+POSTS: dict[str, tuple[type[BaseModel], type[BaseModel], str]] = {
     "/tokenize": (schemas.TextRequest, schemas.TokenizeResponse, "Token ids and strings (index 0 is BOS)."),
     "/trace": (schemas.TraceRequest, schemas.TraceResponse,
                "Residual-stream trajectories of tokens through every layer, in one shared 2D PCA."),
@@ -18,59 +22,83 @@ POSTS = {
     "/predict": (schemas.PredictRequest, schemas.PredictResponse,
                  "Logit lens: top-k next-token predictions at every layer for one position."),
 }
-GETS = {
+ASYNC: set[str] = set()  # POST paths that answer 202 with a job id when the body has "async": true
+GETS: dict[str, tuple[type[BaseModel], str]] = {
     "/health": (schemas.Health, "Liveness; answers at once even while the model is busy."),
-    "/model": (schemas.ModelInfo, "The loaded model's name and sizes."),
+    "/model": (schemas.ModelInfo, "The default model's name and sizes."),
+    "/models": (schemas.ModelsResponse, "Every loaded model; requests choose one with their `model` field."),
 }
 ERRORS = {
     "400": "Invalid request: the error names the field and its allowed range.",
+    "404": "No such job (never existed, or forgotten after its time to live).",
     "413": "Request body too large.",
     "415": "Content-Type is not application/json.",
-    "503": "Model queue full; retry after the Retry-After header's seconds.",
+    "503": "Model queue full (or too many jobs running); retry after the Retry-After header's seconds.",
 }
+POST_ERRORS = ["400", "413", "415", "503"]
 
 
-def build(info: dict[str, Any], version: str = "1.0.0") -> dict[str, Any]:
+def _bounds(info: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    return {"layer": (0, info["n_layers"] - 1), "head": (0, info["n_heads"] - 1),
+            "token_index": (0, info["n_ctx"] - 1), "top_k": (1, LENS_TOP_K_MAX)}
+
+
+def _apply_bounds(component: dict[str, Any], info: dict[str, Any]) -> None:
+    """Integer ranges that depend on the loaded model, on every request model's fields."""
+    bounds = _bounds(info)
+    for name, prop in component.get("properties", {}).items():
+        if name in bounds:
+            target = next((s for s in prop.get("anyOf", [prop]) if s.get("type") == "integer"), prop)
+            target["minimum"], target["maximum"] = bounds[name]
+        if name == "token_indices":
+            items = prop["anyOf"][0]["items"]
+            items["minimum"], items["maximum"] = 0, info["n_ctx"] - 1
+            prop["anyOf"][0].update(minItems=1, maxItems=info["n_ctx"], uniqueItems=True)
+
+
+def build(info: dict[str, Any], version: str = "1.1.0") -> dict[str, Any]:
     """The document for a model described by `info` (`LoadedModel.info()`)."""
-    models = [m for m, _, _ in POSTS.values()] + [r for _, r, _ in POSTS.values()]
-    models += [r for r, _ in GETS.values()] + [schemas.Error]
-    _, defs = models_json_schema([(m, "validation") for m in models],
+    requests = [m for m, _, _ in POSTS.values()]
+    models = requests + [r for _, r, _ in POSTS.values()] + [r for r, _ in GETS.values()]
+    models += [schemas.Error, schemas.JobAccepted, schemas.JobStatus]
+    _, defs = models_json_schema([(m, "validation") for m in dict.fromkeys(models)],
                                  ref_template="#/components/schemas/{model}")
     components = defs["$defs"]
-    bounds = {
-        "layer": (0, info["n_layers"] - 1), "head": (0, info["n_heads"] - 1),
-        "token_index": (0, info["n_ctx"] - 1), "top_k": (1, LENS_TOP_K_MAX),
-    }
-    for model_name in ("TextRequest", "TraceRequest", "AttentionRequest", "PredictRequest"):
-        for name, prop in components[model_name]["properties"].items():
-            if name in bounds:
-                target = next((s for s in prop.get("anyOf", [prop]) if s.get("type") == "integer"), prop)
-                target["minimum"], target["maximum"] = bounds[name]
-            if name == "token_indices":
-                items = prop["anyOf"][0]["items"]
-                items["minimum"], items["maximum"] = 0, info["n_ctx"] - 1
-                prop["anyOf"][0].update(minItems=1, maxItems=info["n_ctx"], uniqueItems=True)
+    for model in requests:
+        _apply_bounds(components[model.__name__], info)
 
     def ref(model: type) -> dict[str, Any]:
         return {"$ref": f"#/components/schemas/{model.__name__}"}
 
-    def responses(ok: type, codes: list[str]) -> dict[str, Any]:
-        out = {"200": {"description": "OK", "content": {"application/json": {"schema": ref(ok)}}}}
+    def content(model: type) -> dict[str, Any]:
+        return {"application/json": {"schema": ref(model)}}
+
+    def responses(ok: type, codes: list[str], accepted: bool = False) -> dict[str, Any]:
+        out = {"200": {"description": "OK", "content": content(ok)}}
+        if accepted:
+            out["202"] = {"description": 'Accepted ("async": true): poll GET /jobs/{job}.',
+                          "content": content(schemas.JobAccepted)}
         for code in codes:
-            out[code] = {"description": ERRORS[code],
-                         "content": {"application/json": {"schema": ref(schemas.Error)}}}
+            out[code] = {"description": ERRORS[code], "content": content(schemas.Error)}
         return out
 
     paths: dict[str, Any] = {}
     for path, (req, resp, summary) in POSTS.items():
         paths[path] = {"post": {
-            "operationId": path.strip("/"), "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": ref(req)}}},
-            "responses": responses(resp, list(ERRORS)),
+            "operationId": path.strip("/").replace("/", "_"), "summary": summary,
+            "requestBody": {"required": True, "content": content(req)},
+            "responses": responses(resp, POST_ERRORS, accepted=path in ASYNC),
         }}
     for path, (resp, summary) in GETS.items():
         paths[path] = {"get": {"operationId": path.strip("/"), "summary": summary,
                                "responses": responses(resp, [])}}
+    job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    paths["/jobs/{job_id}"] = {
+        "get": {"operationId": "get_job", "summary": "A job's status, progress and (once done) result.",
+                "parameters": job_id, "responses": responses(schemas.JobStatus, ["404"])},
+        "delete": {"operationId": "cancel_job", "summary": "Cancel a job (it stops before its next chunk).",
+                   "parameters": job_id, "responses": responses(schemas.JobStatus, ["404"])},
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "Language model explorer API", "version": version,

@@ -11,11 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from .analysis import InvalidRequest
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=False)
+
+    model: Optional[StrictStr] = Field(default=None, description=(
+        "Name of a loaded model (GET /models); omitted or null: the server's default (first) model."))
 
 
-class TextRequest(_Request):
+class TextRequest(Request):
     text: StrictStr = Field(min_length=1, description=(
         "Input text; BOS is prepended, so token index 0 is BOS. At most n_ctx tokens, BOS included."))
 
@@ -125,6 +128,26 @@ class Health(BaseModel):
     cache: CacheStats
 
 
+class ModelsResponse(BaseModel):
+    default: str = Field(description="The model used when a request names none.")
+    models: list[ModelInfo]
+
+
+class JobAccepted(BaseModel):
+    job: str = Field(description="Job id: poll GET /jobs/{job}, cancel with DELETE /jobs/{job}.")
+
+
+class JobStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    job: str
+    kind: str = Field(description="What the job computes (the endpoint that started it).")
+    status: str = Field(description="queued | running | cancelling | done | error | cancelled")
+    progress: float = Field(ge=0, le=1)
+    result: Optional[dict[str, Any]] = Field(default=None, description="The endpoint's response, once done.")
+    error: Optional[str] = None
+
+
 class Error(BaseModel):
     error: str
 
@@ -140,7 +163,7 @@ def _field(loc: tuple[Any, ...]) -> str:
     return name + ("[]" if any(isinstance(p, int) for p in loc) else "")
 
 
-def parse(model: type[_Request], body: Any) -> Any:
+def parse(model: type[Request], body: Any) -> Any:
     """Validate a decoded JSON body against `model`; raise `InvalidRequest` naming the field."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
@@ -153,7 +176,7 @@ def parse(model: type[_Request], body: Any) -> Any:
         if kind == "missing":
             raise InvalidRequest(f"{field} is required") from None
         if kind == "extra_forbidden":
-            allowed = ", ".join(model.model_fields)
+            allowed = ", ".join(f.alias or name for name, f in model.model_fields.items())
             raise InvalidRequest(f"unknown field {field!r}; allowed fields: {allowed}") from None
         if kind == "string_too_short":
             raise InvalidRequest(f"{field} must be a non-empty string") from None

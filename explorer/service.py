@@ -9,12 +9,38 @@ from . import analysis
 from .analysis import InvalidRequest
 from .engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, ByteLRU, ModelWorker, Run
 from .loading import LoadedModel
+from .targets import Target, TokenSpec, parse_target
 
 TOKENIZE_CACHE_ENTRIES = 512
 # After a /predict, idle time computes the lens of this many positions nearest the asked one, so
 # clicking through positions is served from cache. One position per idle job: a request waits
 # for one lens projection at most.
 PREFETCH_POSITIONS = 64
+
+
+class Models:
+    """The loaded models by name, each with its own explorer (worker and cache); the first is the
+    default for requests that name none."""
+
+    def __init__(self, explorers: Sequence["Explorer"]) -> None:
+        if not explorers:
+            raise ValueError("at least one model is needed")
+        self.by_name = {ex.model.name: ex for ex in explorers}
+        if len(self.by_name) != len(explorers):
+            raise ValueError("two loaded models have the same name")
+        self.default = explorers[0]
+
+    def get(self, name: str | None) -> "Explorer":
+        """The explorer of `name` (None: the default); 400 listing the loaded names otherwise."""
+        if name is None:
+            return self.default
+        ex = self.by_name.get(name)
+        if ex is None:
+            raise InvalidRequest(f"model {name!r} is not loaded; loaded models: {', '.join(map(repr, self.by_name))}")
+        return ex
+
+    def describe(self) -> dict[str, Any]:
+        return {"default": self.default.model.name, "models": [ex.model.info() for ex in self.by_name.values()]}
 
 
 class Explorer:
@@ -49,6 +75,16 @@ class Explorer:
                     f"most {self.n_ctx} (n_ctx)")
             strs = tok.batch_decode([[i] for i in ids])
         return tuple(ids), tuple(strs)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` without special tokens."""
+        with self._tokenizer_lock:
+            return self.model.tokenizer.encode(text, add_special_tokens=False)
+
+    def target(self, answer: TokenSpec, distractor: TokenSpec | None) -> Target:
+        """A validated target (`targets.parse_target`) in this model's vocabulary."""
+        return parse_target(answer, distractor, self.encode, lambda i: self.vocab_strs[i],
+                            int(self.model.cfg.d_vocab))
 
     @functools.cached_property
     def vocab_strs(self) -> list[str]:
