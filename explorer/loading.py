@@ -39,6 +39,11 @@ class LoadedModel:
     def cfg(self) -> Any:
         return self.bridge.cfg
 
+    @property
+    def causal(self) -> bool:
+        """Whether the model predicts the next token (a decoder), not a masked token (an encoder)."""
+        return getattr(self.cfg, "attention_dir", "causal") != "bidirectional"
+
     def info(self) -> dict[str, Any]:
         cfg = self.cfg
         return {

@@ -76,6 +76,12 @@ class Explorer:
             strs = tok.batch_decode([[i] for i in ids])
         return tuple(ids), tuple(strs)
 
+    def require_causal(self, endpoint: str) -> None:
+        """400 for endpoints whose metric is a next-token prediction when the model is an encoder."""
+        if not self.model.causal:
+            raise InvalidRequest(f"{endpoint} measures next-token predictions, but {self.model.name} is an "
+                                 "encoder (bidirectional, masked-token objective); load a causal model")
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without special tokens."""
         with self._tokenizer_lock:
