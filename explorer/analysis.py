@@ -23,7 +23,7 @@ class InvalidRequest(ValueError):
     """A request that is well-formed JSON but asks for something out of range (HTTP 400)."""
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by our own hook after the last block: the unembedding is never needed here."""
 
 
@@ -58,7 +58,7 @@ def forward(bridge: Any, token_ids: Sequence[int]) -> Run:
             out.copy_(tensor[0].detach())  # callers outside inference_mode (notebooks) too
             seen.add(name)
             if name == last:
-                raise _StopForward
+                raise StopForward
         return hook
 
     hooks = [(pattern_hook(l), keep(pattern_hook(l), patterns[l])) for l in range(n_layers)]
@@ -66,7 +66,7 @@ def forward(bridge: Any, token_ids: Sequence[int]) -> Run:
     try:
         with bridge.hooks(fwd_hooks=hooks):
             bridge(tokens)
-    except _StopForward:
+    except StopForward:
         pass
     missing = [name for name, _ in hooks if name not in seen]
     if missing:

@@ -4,7 +4,8 @@ The same models generate the OpenAPI document, so validation and documentation c
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
@@ -152,15 +153,32 @@ class Error(BaseModel):
     error: str
 
 
-_TYPE_WORDS = {
-    "int_type": "an integer", "string_type": "a string", "list_type": "a list of integers",
-    "int_from_float": "an integer", "dict_type": "an object",
-}
+_WORDS = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          bool: ("true or false", "booleans"), dict: ("an object", "objects")}
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    name = ".".join(str(p) for p in loc if not isinstance(p, int))
-    return name + ("[]" if any(isinstance(p, int) for p in loc) else "")
+def _words(tp: Any, plural: bool = False) -> str:
+    """What a field's annotation accepts, in words: `Optional[list[StrictInt]]` -> "a list of integers"."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _words(args[0], plural)
+    if origin in (Union, UnionType):
+        return " or ".join(_words(a, plural) for a in args if a is not type(None))
+    if origin is list:
+        return "lists" if plural else f"a list of {_words(args[0], plural=True)}"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    return _WORDS.get(tp, (str(tp), str(tp)))[plural]
+
+
+def _element(tp: Any) -> Any:
+    """The element type of a (possibly optional) list annotation."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _element(args[0])
+    if origin in (Union, UnionType):
+        return next(_element(a) for a in args if a is not type(None))
+    return args[0] if origin is list else tp
 
 
 def parse(model: type[Request], body: Any) -> Any:
@@ -171,15 +189,18 @@ def parse(model: type[Request], body: Any) -> Any:
         return model.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = _field(err["loc"])
-        kind = err["type"]
+        name, kind = str(err["loc"][0]), err["type"]
+        element = any(isinstance(p, int) for p in err["loc"])
+        field = name + ("[]" if element else "")
+        info = next((f for n, f in model.model_fields.items() if (f.alias or n) == name), None)
         if kind == "missing":
             raise InvalidRequest(f"{field} is required") from None
-        if kind == "extra_forbidden":
-            allowed = ", ".join(f.alias or name for name, f in model.model_fields.items())
+        if kind == "extra_forbidden" or info is None:
+            allowed = ", ".join(f.alias or n for n, f in model.model_fields.items())
             raise InvalidRequest(f"unknown field {field!r}; allowed fields: {allowed}") from None
         if kind == "string_too_short":
             raise InvalidRequest(f"{field} must be a non-empty string") from None
-        if kind in _TYPE_WORDS:
-            raise InvalidRequest(f"{field} must be {_TYPE_WORDS[kind]}") from None
+        if kind.endswith("_type") or kind in ("int_from_float", "literal_error"):
+            expected = _element(info.annotation) if element else info.annotation
+            raise InvalidRequest(f"{field} must be {_words(expected)}") from None
         raise InvalidRequest(f"{field}: {err['msg']}") from None

@@ -5,7 +5,7 @@ import functools
 import threading
 from typing import Any, Sequence
 
-from . import analysis
+from . import analysis, replay
 from .analysis import InvalidRequest
 from .engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, ByteLRU, ModelWorker, Run
 from .loading import LoadedModel
@@ -82,6 +82,12 @@ class Explorer:
             raise InvalidRequest(f"{endpoint} measures next-token predictions, but {self.model.name} is an "
                                  "encoder (bidirectional, masked-token objective); load a causal model")
 
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character span [begin, end) of each of `text`'s tokens (special tokens excluded)."""
+        with self._tokenizer_lock:
+            enc = self.model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [tuple(span) for span in enc["offset_mapping"]]
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without special tokens."""
         with self._tokenizer_lock:
@@ -104,6 +110,11 @@ class Explorer:
         ids, _ = self.tokens(text)
         bridge = self.model.bridge
         return self.cache.get_or_compute(("run", text), lambda: analysis.forward(bridge, ids))
+
+    def acts(self, text: str) -> replay.Acts:
+        """The cached activations of `text` for causal work (`replay.capture`)."""
+        ids, _ = self.tokens(text)
+        return self.cache.get_or_compute(("acts", text), lambda: replay.capture(self.model.bridge, ids))
 
     # --- one method per endpoint --------------------------------------------------------------
 

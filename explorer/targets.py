@@ -87,7 +87,7 @@ def parse_target(answer: TokenSpec, distractor: TokenSpec | None, encode: Callab
     return Target(a, d)
 
 
-def recovery(effect: np.ndarray, clean: float, corrupt: float) -> tuple[np.ndarray | None, str | None]:
+def recovery(effect: np.ndarray, clean: float | np.float32, corrupt: float | np.float32) -> tuple[np.ndarray | None, str | None]:
     """(patched - corrupt) / (clean - corrupt) elementwise, or (None, warning) when undefined."""
     span = clean - corrupt
     if not np.isfinite(span) or abs(span) <= RECOVERY_EPSILON:
