@@ -25,6 +25,15 @@ __all__ = [
     "load_model", "pca_2d", "predictions", "random_gpt2", "trace", "trace_pca", "tune_allocator",
 ]
 
+# Causal interventions: shared targets and recovery, cached activations, batched patching and tracing.
+from explorer.jobs import JobManager  # noqa: E402
+from explorer.patching import patch  # noqa: E402
+from explorer.replay import Acts, capture, run_rows  # noqa: E402
+from explorer.targets import Target, parse_target, recovery  # noqa: E402
+from explorer.tracing import causal_trace  # noqa: E402
+
+__all__ += ["Acts", "JobManager", "Target", "capture", "causal_trace", "parse_target", "patch", "recovery", "run_rows"]
+
 # Plotting (matplotlib is imported only when a plot function is called, never by the server).
 from explorer.plots import (  # noqa: E402
     plot_attention_heatmap,
