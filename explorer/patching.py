@@ -10,7 +10,7 @@ metric is the base run's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Generator, Iterator
 
 import numpy as np
 import torch
@@ -53,8 +53,8 @@ def _value(acts: replay.Acts, site: str, cell: Cell) -> torch.Tensor:
     return acts.site(site)[cell.layer, cell.position]
 
 
-def _rows(site: str, cells: list[Cell], base: replay.Acts,
-          source: replay.Acts) -> tuple[list[tuple[int, torch.Tensor]], list[replay.Edit]]:
+def cell_rows(site: str, cells: list[Cell], base: replay.Acts,
+              source: replay.Acts) -> tuple[list[tuple[int, torch.Tensor]], list[replay.Edit]]:
     """The replay plan of `cells` (sorted by layer): one row each, starting at its layer."""
     starts: list[tuple[int, torch.Tensor]] = []
     edits: list[replay.Edit] = []
@@ -101,44 +101,66 @@ def patch(ex: "Explorer", clean: str, corrupt: str, target: Target, site: str,
     return _patch_steps(ex, clean, corrupt, target, site, direction)
 
 
-def _patch_steps(ex: "Explorer", clean: str, corrupt: str, target: Target, site: str,
-                 direction: str) -> Iterator[Any]:
-    bridge, cfg = ex.model.bridge, ex.model.cfg
-    clean_acts, corrupt_acts = ex.acts(clean), ex.acts(corrupt)
-    base, source = (corrupt_acts, clean_acts) if direction == "denoise" else (clean_acts, corrupt_acts)
-    # float32 like the grid, so a cell equal to a metric serializes identically
-    clean_metric = np.float32(target.metric(final_logits(bridge, clean_acts)).cpu())
-    corrupt_metric = np.float32(target.metric(final_logits(bridge, corrupt_acts)).cpu())
-    base_metric = corrupt_metric if direction == "denoise" else clean_metric
-    seq, n_layers = len(clean_acts.token_ids), int(cfg.n_layers)
-    cells, shape = grid_cells(site, n_layers, int(cfg.n_heads), seq)
-    effect = np.full(len(cells), base_metric, dtype=np.float32)
-    todo = [i for i, c in enumerate(cells) if not torch.equal(_value(base, site, c), _value(source, site, c))]
-    chunks = replay.plan_chunks([cells[i].layer for i in todo], 1, seq, n_layers,
+def pair_metrics(bridge: Any, target: Target, clean: replay.Acts,
+                 corrupt: replay.Acts) -> tuple[np.float32, np.float32]:
+    """The metric on each unpatched prompt, as float32 like the grids (so a cell equal to one
+    serializes identically)."""
+    return (np.float32(target.metric(final_logits(bridge, clean)).cpu()),
+            np.float32(target.metric(final_logits(bridge, corrupt)).cpu()))
+
+
+def run_cells(bridge: Any, site: str, cells: list[Cell], base: replay.Acts, source: replay.Acts,
+              target: Target) -> Generator[float, None, np.ndarray]:
+    """The metric after each cell's replacement [len(cells)]: `base` run with the cell's
+    activation taken from `source`. Cells must be sorted by layer. Runs in chunks (batched
+    replays), yielding the progress before each but the first."""
+    cfg = bridge.cfg
+    seq, n_layers = base.resid.shape[1], int(cfg.n_layers)
+    out = np.empty(len(cells), dtype=np.float32)
+    chunks = replay.plan_chunks([c.layer for c in cells], 1, seq, n_layers,
                                 replay.row_budget(cfg, seq, str(cfg.device)))
     yield 0.0
     for done, (begin, end) in enumerate(chunks, 1):
-        index = todo[begin:end]
-        starts, edits = _rows(site, [cells[i] for i in index], base, source)
-        effect[index] = target.metric(replay.run_rows(bridge, base.blocks, starts, edits)).cpu().numpy()
+        starts, edits = cell_rows(site, cells[begin:end], base, source)
+        out[begin:end] = target.metric(replay.run_rows(bridge, base.blocks, starts, edits)).cpu().numpy()
         if done < len(chunks):
             yield done / len(chunks)
-    grid = effect.reshape(shape)
+    return out
+
+
+def grid_response(ex: "Explorer", clean: str, corrupt: str, target: Target, site: str, direction: str,
+                  clean_metric: np.float32, corrupt_metric: np.float32, grid: np.ndarray) -> dict[str, Any]:
+    """The fields every clean/corrupt grid answer shares (`/patch`, `/attribution_patch`), with
+    `grid` as the effect and its recovery."""
     rec, warning = recovery(grid, clean_metric, corrupt_metric)
     tokens_clean, tokens_corrupt = list(ex.tokens(clean)[1]), list(ex.tokens(corrupt)[1])
-    heads = [f"H{h}" for h in range(int(cfg.n_heads))]
     result: dict[str, Any] = {
         "site": site, "direction": direction, "metric": target.metric_name,
         "clean_metric": clean_metric, "corrupt_metric": corrupt_metric,
         "tokens_clean": tokens_clean, "tokens_corrupt": tokens_corrupt,
         **target.describe(lambda i: ex.vocab_strs[i]),
         "effect": grid, "recovery": rec,
-        "rows": [f"L{l}" for l in range(n_layers)],
-        "columns": heads if site.startswith("heads") else tokens_clean,
-        "cells_computed": len(todo),
+        "rows": [f"L{l}" for l in range(int(ex.model.cfg.n_layers))],
+        "columns": [f"H{h}" for h in range(int(ex.model.cfg.n_heads))] if site.startswith("heads") else tokens_clean,
     }
     if site == "heads_by_position":
         result["positions"] = tokens_clean
     if warning:
         result["warning"] = warning
     return result
+
+
+def _patch_steps(ex: "Explorer", clean: str, corrupt: str, target: Target, site: str,
+                 direction: str) -> Iterator[Any]:
+    bridge, cfg = ex.model.bridge, ex.model.cfg
+    clean_acts, corrupt_acts = ex.acts(clean), ex.acts(corrupt)
+    base, source = (corrupt_acts, clean_acts) if direction == "denoise" else (clean_acts, corrupt_acts)
+    clean_metric, corrupt_metric = pair_metrics(bridge, target, clean_acts, corrupt_acts)
+    base_metric = corrupt_metric if direction == "denoise" else clean_metric
+    cells, shape = grid_cells(site, int(cfg.n_layers), int(cfg.n_heads), len(clean_acts.token_ids))
+    effect = np.full(len(cells), base_metric, dtype=np.float32)
+    todo = [i for i, c in enumerate(cells) if not torch.equal(_value(base, site, c), _value(source, site, c))]
+    effect[todo] = yield from run_cells(bridge, site, [cells[i] for i in todo], base, source, target)
+    result = grid_response(ex, clean, corrupt, target, site, direction, clean_metric, corrupt_metric,
+                           effect.reshape(shape))
+    return {**result, "cells_computed": len(todo)}
