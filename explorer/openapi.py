@@ -23,6 +23,7 @@ POSTS: dict[str, tuple[type[BaseModel], type[BaseModel], str]] = {
                  "Logit lens: top-k next-token predictions at every layer for one position."),
 }
 ASYNC: set[str] = set()  # POST paths that answer 202 with a job id when the body has "async": true
+JOB_POSTS: set[str] = set()  # POST paths that always start a job: 202 with its id, never 200
 GETS: dict[str, tuple[type[BaseModel], str]] = {
     "/health": (schemas.Health, "Liveness; answers at once even while the model is busy."),
     "/model": (schemas.ModelInfo, "The default model's name and sizes."),
@@ -73,10 +74,10 @@ def build(info: dict[str, Any], version: str = "1.1.0") -> dict[str, Any]:
     def content(model: type) -> dict[str, Any]:
         return {"application/json": {"schema": ref(model)}}
 
-    def responses(ok: type, codes: list[str], accepted: bool = False) -> dict[str, Any]:
-        out = {"200": {"description": "OK", "content": content(ok)}}
-        if accepted:
-            out["202"] = {"description": 'Accepted ("async": true): poll GET /jobs/{job}.',
+    def responses(ok: type, codes: list[str], accepted: bool = False, job_only: bool = False) -> dict[str, Any]:
+        out = {} if job_only else {"200": {"description": "OK", "content": content(ok)}}
+        if accepted or job_only:
+            out["202"] = {"description": "Accepted" + ("" if job_only else ' ("async": true)') + ": poll GET /jobs/{job}.",
                           "content": content(schemas.JobAccepted)}
         for code in codes:
             out[code] = {"description": ERRORS[code], "content": content(schemas.Error)}
@@ -87,7 +88,7 @@ def build(info: dict[str, Any], version: str = "1.1.0") -> dict[str, Any]:
         paths[path] = {"post": {
             "operationId": path.strip("/").replace("/", "_"), "summary": summary,
             "requestBody": {"required": True, "content": content(req)},
-            "responses": responses(resp, POST_ERRORS, accepted=path in ASYNC),
+            "responses": responses(resp, POST_ERRORS, accepted=path in ASYNC, job_only=path in JOB_POSTS),
         }}
     for path, (resp, summary) in GETS.items():
         paths[path] = {"get": {"operationId": path.strip("/"), "summary": summary,

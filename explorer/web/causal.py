@@ -45,7 +45,9 @@ class TokenRef(BaseModel):
     token_id: int
 
 
-class PatchResponse(BaseModel):
+class GridResponse(BaseModel):
+    """What every clean/corrupt grid answer holds (`patching.grid_response`)."""
+
     site: str
     direction: str
     metric: str = Field(description="logit_diff (with a distractor) or logprob.")
@@ -62,9 +64,12 @@ class PatchResponse(BaseModel):
     rows: list[str]
     columns: list[str]
     positions: Optional[list[str]] = None
+    warning: Optional[str] = None
+
+
+class PatchResponse(GridResponse):
     cells_computed: int = Field(description="Cells run; the others patch an activation equal to the "
                                             "base run's, so their effect is the base metric.")
-    warning: Optional[str] = None
 
 
 openapi.POSTS["/patch"] = (PatchRequest, PatchResponse,

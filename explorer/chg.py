@@ -1,0 +1,195 @@
+"""Causal Head Gating (`POST /jobs/chg`; Nam et al., NeurIPS 2025, arXiv 2505.13737).
+
+One gate per head, `G = sigmoid(logit)` in [0, 1], scales the head's output before the output
+projection (`hook_z`); the model's weights stay frozen. The gates minimise the targets'
+cross-entropy, `mean over texts of -log P(target | text)` read at each text's last position, in
+three stages of `steps` Adam updates each:
+
+1. `unregularized`: from a seeded random start (gates uniform in (0, 1)), the loss alone;
+2. `toward_zero`: from stage 1's gates, loss + lambda * sum(clip(logit)): pressure to remove (G-);
+3. `toward_one`: from stage 1's gates, loss - lambda * sum(clip(logit)): pressure to keep (G+).
+
+`clip` is to [-LOGIT_CLIP, LOGIT_CLIP], as published, so the penalty's gradient on a head is
+exactly lambda while its logit is inside: a head resists the pressure only where moving its gate
+changes the loss faster than that. Unlike the reference code, the logits themselves are kept
+inside the clip after every update (gates in [0.018, 0.982]); otherwise a gate that starts or
+drifts past it is never reached by the penalty again and keeps whatever value it had.
+
+Taxonomy, from the final G- and G+ with THRESHOLD = 0.5:
+- facilitating: kept even under pressure to remove (G- >= 0.5, and G+ >= 0.5): the task needs it;
+- interfering: removed even under pressure to keep (G+ < 0.5, and G- < 0.5): it hurts the task;
+- irrelevant: follows the pressure (G+ >= 0.5, G- < 0.5);
+- ambiguous: the opposite (G+ < 0.5 <= G-), kept only when pushed out and removed only when
+  pushed in: its role depends on which other heads are on (or the stages did not converge).
+
+Each chunk on the model worker is one micro-batch of texts (a training step may span several, its
+gradient accumulated), so interactive requests are served between them. Only the gate logits are
+differentiated (`torch.autograd.grad`): no model parameter gets a `.grad`, and grad mode is on
+only inside each chunk's computation.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import replay
+from .analysis import InvalidRequest, StopForward, readout
+from .targets import Target, TokenSpec, token_id
+
+if TYPE_CHECKING:
+    from .service import Explorer
+
+STAGES = (("unregularized", 0.0), ("toward_zero", 1.0), ("toward_one", -1.0))  # sign of lambda in the loss
+DEFAULT_STEPS = 100
+MAX_STEPS = 1000
+DEFAULT_LR = 0.5
+MAX_LR = 10.0
+DEFAULT_LAMBDA = 0.1
+MAX_LAMBDA = 10.0
+MAX_TEXTS = 64
+LOGIT_CLIP = 4.0
+THRESHOLD = 0.5
+LABELS = ("facilitating", "interfering", "irrelevant", "ambiguous")
+
+
+def chg(ex: "Explorer", texts: Sequence[str], targets: Sequence[TokenSpec], steps: int, lr: float,
+        lam: float, seed: int) -> Iterator[Any]:
+    """Validate a CHG request now (400s before the job starts); return the job's steps."""
+    ex.require_causal("POST /jobs/chg")
+    if not 1 <= len(texts) <= MAX_TEXTS:
+        raise InvalidRequest(f"texts must hold 1 to {MAX_TEXTS} texts, got {len(texts)}")
+    if len(targets) != len(texts):
+        raise InvalidRequest(f"targets must hold one answer per text: {len(texts)} texts, {len(targets)} targets")
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidRequest(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+    if not (np.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise InvalidRequest(f"lr must be a number above 0 and at most {MAX_LR}, got {lr}")
+    if not (np.isfinite(lam) and 0 <= lam <= MAX_LAMBDA):
+        raise InvalidRequest(f"lambda must be between 0 and {MAX_LAMBDA}, got {lam}")
+    if not 0 <= seed < 2**63:
+        raise InvalidRequest(f"seed must be between 0 and {2**63 - 1}, got {seed}")
+    ids = []
+    for i, text in enumerate(texts):
+        try:
+            ids.append(ex.tokens(text)[0])
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"texts[{i}]: {exc}") from None
+    d_vocab = int(ex.model.cfg.d_vocab)
+    answers = [token_id(f"targets[{i}]", t, ex.encode, lambda j: ex.vocab_strs[j], d_vocab)
+               for i, t in enumerate(targets)]
+    return _chg_steps(ex, ids, answers, steps, lr, lam, seed)
+
+
+def micro_batches(ids: Sequence[Sequence[int]], cfg: Any) -> list[list[int]]:
+    """Texts (indices) grouped by length into batches of about one chunk of work each: a forward
+    and backward pass over at most the `replay.row_budget` block work of a chunk."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    longest = max(len(i) for i in ids)
+    tokens = replay.row_budget(cfg, longest, str(cfg.device))[1] / int(cfg.n_layers)
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * len(ids[i]) <= tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _padded(ids: Sequence[Sequence[int]], rows: list[int], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [rows, longest], last real position of each row [rows]). Rows are padded after
+    their end by repeating their last token: in a causal model no real position sees the padding."""
+    longest = max(len(ids[i]) for i in rows)
+    tokens = torch.tensor([list(ids[i]) + [ids[i][-1]] * (longest - len(ids[i])) for i in rows], device=device)
+    return tokens, torch.tensor([len(ids[i]) - 1 for i in rows], device=device)
+
+
+def nll_sum(bridge: Any, tokens: torch.Tensor, last: torch.Tensor, answers: Sequence[int],
+            gates: torch.Tensor | None) -> torch.Tensor:
+    """Sum over rows of -log P(answer) after each row's last real token, every head's `hook_z`
+    scaled by its gate (gates [n_layers, n_heads]; None: the model as it is)."""
+    n_layers = int(bridge.cfg.n_layers)
+    final: list[torch.Tensor] = []
+
+    def stop(tensor: torch.Tensor, hook: Any) -> None:
+        final.append(tensor)
+        raise StopForward
+
+    hooks = [(f"blocks.{n_layers - 1}.hook_resid_post", stop)]
+    if gates is not None:  # z: [batch, pos, n_heads, d_head]
+        hooks += [(replay.SITE_HOOKS["z"].format(l), lambda z, hook, g=gates[l]: z * g.to(z.dtype)[:, None])
+                  for l in range(n_layers)]
+    try:
+        with bridge.hooks(fwd_hooks=hooks):
+            bridge(tokens)
+    except StopForward:
+        pass
+    states = final[0][torch.arange(len(last), device=last.device), last]  # [rows, d_model]
+    logits = readout(bridge, states[:, None, :])[:, 0]
+    return -sum(Target(a).metric(row) for a, row in zip(answers, logits))
+
+
+def taxonomy(toward_zero: np.ndarray, toward_one: np.ndarray) -> list[list[str]]:
+    """Each head's role from its final gates under pressure to remove (G-) and to keep (G+)."""
+    kept_out, kept_in = toward_zero >= THRESHOLD, toward_one >= THRESHOLD
+    index = np.where(kept_out, np.where(kept_in, 0, 3), np.where(kept_in, 2, 1))
+    return [[LABELS[i] for i in row] for row in index]
+
+
+def _chg_steps(ex: "Explorer", ids: list[tuple[int, ...]], answers: list[int], steps: int, lr: float,
+               lam: float, seed: int) -> Iterator[Any]:
+    bridge, cfg = ex.model.bridge, ex.model.cfg
+    n_layers, n_heads, device = int(cfg.n_layers), int(cfg.n_heads), cfg.device
+    with torch.inference_mode(False):  # autograd saves the token ids (the embedding's backward)
+        batches = [(_padded(ids, rows, device), [answers[i] for i in rows]) for rows in micro_batches(ids, cfg)]
+    total = len(STAGES) * steps * len(batches)
+
+    def mean_loss(gates: torch.Tensor | None) -> float:
+        return float(sum(nll_sum(bridge, t, last, a, gates) for (t, last), a in batches)) / len(ids)
+
+    uniform = torch.rand(n_layers, n_heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    start = torch.logit(uniform.clamp(1e-6, 1 - 1e-6)).clamp(-LOGIT_CLIP, LOGIT_CLIP).float().to(device)
+    result: dict[str, Any] = {"stages": [name for name, _ in STAGES], "gates": {}, "loss": {},
+                              "loss_history": {}, "loss_ungated": mean_loss(None)}
+    done = 0
+    for stage, sign in STAGES:
+        with torch.inference_mode(False):
+            logits = start.clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([logits], lr=lr)
+        history: list[float] = []
+        for step in range(1, steps + 1):
+            cross_entropy = 0.0
+            for b, ((tokens, last), targets) in enumerate(batches):
+                with torch.inference_mode(False), torch.enable_grad():
+                    loss = nll_sum(bridge, tokens, last, targets, logits.sigmoid()) / len(ids)
+                    cross_entropy += float(loss.detach())
+                    if b == 0 and sign:
+                        loss = loss + sign * lam * logits.clamp(-LOGIT_CLIP, LOGIT_CLIP).sum()
+                    (grad,) = torch.autograd.grad(loss, [logits])
+                    logits.grad = grad if b == 0 else logits.grad + grad
+                    if b == len(batches) - 1:
+                        optimizer.step()
+                        logits.grad = None
+                        with torch.no_grad():
+                            logits.clamp_(-LOGIT_CLIP, LOGIT_CLIP)
+                done += 1
+                if b == len(batches) - 1:
+                    history.append(cross_entropy)
+                yield {"progress": done / total, "stage": stage, "step": step, "steps": steps,
+                       "loss": history[-1] if history else None}
+        gates = logits.detach().sigmoid()
+        result["gates"][stage] = gates.cpu().numpy()
+        result["loss"][stage] = mean_loss(gates)
+        result["loss_history"][stage] = np.array(history, dtype=np.float32)
+        if stage == "unregularized":
+            start = logits.detach().clone()
+    labels = taxonomy(result["gates"]["toward_zero"], result["gates"]["toward_one"])
+    return {
+        **result, "taxonomy": labels,
+        "counts": {label: sum(row.count(label) for row in labels) for label in LABELS},
+        "threshold": THRESHOLD, "logit_clip": LOGIT_CLIP,
+        "targets": [{"token": ex.vocab_strs[a], "token_id": a} for a in answers], "n_texts": len(ids),
+        "steps": steps, "lr": lr, "lambda": lam, "seed": seed,
+        "rows": [f"L{l}" for l in range(n_layers)], "columns": [f"H{h}" for h in range(n_heads)],
+    }
