@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 TEXT = "The cat sat on the mat"
+IOI = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 EXAMPLES = [
     ("example1_tokenize.json", "/tokenize", {"text": TEXT}),
     ("example2_trace.json", "/trace", {"text": TEXT, "token_indices": [1, 2, 6]}),
@@ -19,6 +22,14 @@ EXAMPLES = [
     ("example4_attention_head.json", "/attention", {"text": TEXT, "layer": 2, "head": 1}),
     ("example5_attention_layer.json", "/attention", {"text": TEXT, "layer": 0}),
     ("example6_model.json", "/model", None),
+    ("example7_ablate.json", "/ablate", {"text": IOI, "answer": " Mary", "distractor": " John"}),
+    ("example8_attribution_patch.json", "/attribution_patch",
+     {"clean": IOI, "corrupt": IOI_CORRUPT, "answer": " Mary", "distractor": " John", "site": "heads", "compare": True}),
+]
+# Jobs: the file is the finished job (GET /jobs/{id}), the request the POST that started it.
+JOB_EXAMPLES = [
+    ("example9_chg_job.json", "/jobs/chg", {"texts": [IOI, "When Tom and Anna went to the park, Anna gave a ball to"],
+                                            "targets": [" Mary", " Tom"]}),
 ]
 OUT = Path(__file__).resolve().parent.parent / "examples"
 
@@ -30,11 +41,21 @@ def fetch(url: str, body: dict | None) -> dict:
         return json.load(resp)
 
 
+def finished_job(url: str, body: dict) -> dict:
+    """Start a job (POST url) and poll it until it ends; its final GET /jobs/{id} answer."""
+    job = fetch(url, body)["job"]
+    base = url[:url.index("/jobs/")]
+    while (state := fetch(f"{base}/jobs/{job}", None))["status"] not in ("done", "error", "cancelled"):
+        time.sleep(1)
+    return state
+
+
 def main(base: str = "http://127.0.0.1:5001") -> None:
     model = fetch(base + "/model", None)
     made = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    for name, path, body in EXAMPLES:
-        response = fetch(base + path, body)
+    examples = [(*e, fetch) for e in EXAMPLES] + [(*e, finished_job) for e in JOB_EXAMPLES]
+    for name, path, body, get in examples:
+        response = get(base + path, body)
         response["_example"] = {
             "request": {"method": "GET" if body is None else "POST", "path": path, "body": body},
             "model": model["name"], "weights": model["weights"], "generated": made,

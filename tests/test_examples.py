@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 
 from explorer import openapi, schemas
-from scripts.make_examples import EXAMPLES
+from explorer.web.heads import AblateResponse, AttributionPatchResponse, ChgResult
+from scripts.make_examples import EXAMPLES, JOB_EXAMPLES
+from tests.test_patching import wait_job
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSES = {"/tokenize": schemas.TokenizeResponse, "/trace": schemas.TraceResponse,
              "/predict": schemas.PredictResponse, "/attention": schemas.AttentionResponse,
-             "/model": schemas.ModelInfo}
+             "/model": schemas.ModelInfo, "/ablate": AblateResponse, "/attribution_patch": AttributionPatchResponse}
+JOB_RESULTS = {"/jobs/chg": ChgResult}
 
 
 @pytest.mark.parametrize("name,path,body", EXAMPLES, ids=[e[0] for e in EXAMPLES])
@@ -28,6 +31,20 @@ def test_example_matches_contract_and_records_its_model(client, name, path, body
     live = client.post(path, json=body) if body is not None else client.get(path)
     assert live.status_code == 200
     assert set(live.get_json()) == set(data)
+
+
+@pytest.mark.parametrize("name,path,body", JOB_EXAMPLES, ids=[e[0] for e in JOB_EXAMPLES])
+def test_job_example_matches_contract(client, name, path, body):
+    data = json.loads((ROOT / "examples" / name).read_text())
+    meta = data.pop("_example")
+    assert meta["request"] == {"method": "POST", "path": path, "body": body}
+    status = schemas.JobStatus.model_validate(data)
+    assert status.status == "done" and status.kind == path.rsplit("/", 1)[1]
+    JOB_RESULTS[path].model_validate(status.result)
+    live = client.post(path, json={**body, "steps": 1})  # the same request is still accepted
+    assert live.status_code == 202
+    state = wait_job(client, live.get_json()["job"])
+    assert state["status"] == "done" and set(state["result"]) == set(status.result)
 
 
 def curl_examples() -> list[tuple[str, str, dict | None, int]]:
