@@ -39,3 +39,18 @@ export const trace = (text, token_indices) => call("POST", "/trace", { text, tok
 export const attention = (text, layer, head = null) => call("POST", "/attention", { text, layer, head });
 
 export const predict = (text, token_index, top_k = 5) => call("POST", "/predict", { text, token_index, top_k });
+
+// Which heads matter. An empty distractor is sent as null (the metric is then log P(answer)).
+export const ablate = (text, answer, distractor = null, method = "mean", site = "heads") =>
+  call("POST", "/ablate", { text, answer, distractor: distractor || null, method, site });
+
+// compare: the real /patch grid beside the estimate.
+export const attributionPatch = (clean, corrupt, answer, distractor = null, site = "heads", compare = true) =>
+  call("POST", "/attribution_patch", { clean, corrupt, answer, distractor: distractor || null, site, compare });
+
+// Causal head gating: 202 {job}; poll getJob(job) until its status is done, error or cancelled.
+export const startChg = (texts, targets, steps = 100) => call("POST", "/jobs/chg", { texts, targets, steps });
+
+export const getJob = (job) => call("GET", `/jobs/${job}`);
+
+export const cancelJob = (job) => call("DELETE", `/jobs/${job}`);

@@ -2,6 +2,7 @@
 import * as api from "./api.js";
 import { drawAttention } from "./attention.js";
 import { saveJSON, savePNG, saveSVG } from "./export.js";
+import { headsView, setUpHeads } from "./heads.js";
 import { drawLens } from "./lens.js";
 import { showToken } from "./svg.js";
 import { drawTrajectories } from "./trajectories.js";
@@ -78,6 +79,7 @@ const views = {
     draw: drawLens,
     name: () => `lens-pos${$("#lens-pos").value}`,
   },
+  heads: headsView(() => state.text),
 };
 
 function activeView() {
@@ -231,6 +233,7 @@ async function start() {
   $("#attn-head").addEventListener("change", () => show("attention"));
   $("#lens-pos").addEventListener("change", () => show("lens"));
   $("#lens-k").addEventListener("change", () => show("lens"));
+  setUpHeads(() => state.text, () => show("heads"));
   state.model = await busy($("#model"), api.getModel, "model");
   if (state.model) {
     showModel(state.model);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -270,3 +271,132 @@ def test_stale_error_does_not_cover_a_newer_answer(page, server):
     page.wait_for_function("document.querySelector('#panel-lens').getAttribute('aria-busy') === 'false'")
     assert page.locator("#error").is_hidden()
     assert panel.locator(".lens-row").count() == server[1].get("/model").get_json()["n_layers"]
+
+
+# --- Heads view -----------------------------------------------------------------------------------
+
+IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+
+
+def numbers(text: str) -> list[float]:
+    """The numbers a tooltip shows (4 significant digits), in order."""
+    return [float(n) for n in re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?", text)]
+
+
+def show_heads(page, panel, mode: str) -> None:
+    """Switch the Heads view to `mode` and wait until it has redrawn."""
+    old = panel.locator("svg.figure").element_handle()
+    page.select_option("#heads-show", mode)
+    if old is not None:
+        page.wait_for_function("old => !old.isConnected", arg=old)
+    panel.locator("svg.figure").wait_for()
+
+
+def test_heads_ablation(page, server):
+    analyze(page, IOI_CLEAN)
+    panel = open_view(page, "heads")
+    answer = api(server, "/ablate", {"text": IOI_CLEAN, "answer": " Mary", "distractor": " John"})
+    n_layers, n_heads = len(answer["effect"]), len(answer["effect"][0])
+    assert panel.locator("rect.head-cell").count() == n_layers * n_heads
+    assert panel.locator("circle.scatter-point").count() == 0  # no scatter for ablation
+    tip = hover_text(page, panel.locator('rect.head-cell[data-layer="1"][data-head="2"]'))
+    assert tip.startswith("L1 H2: ablation effect")
+    assert numbers(tip)[-1] == pytest.approx(answer["effect"][1][2], rel=1e-3)
+    choose(page, panel, "#heads-method", "zero")
+    zero = api(server, "/ablate", {"text": IOI_CLEAN, "answer": " Mary", "distractor": " John", "method": "zero"})
+    assert numbers(hover_text(page, panel.locator("rect.head-cell").first))[-1] == pytest.approx(zero["effect"][0][0], rel=1e-3)
+    screenshot(page, "heads-ablation")
+
+
+def test_heads_attribution_patching_and_scatter(page, server):
+    analyze(page, IOI_CLEAN)
+    panel = open_view(page, "heads")
+    page.select_option("#heads-show", "attribution")  # asks for the corrupt prompt first
+    page.wait_for_function("document.querySelector('#heads-status').textContent.includes('corrupt prompt')")
+    page.fill("#heads-corrupt", IOI_CORRUPT)
+    page.press("#heads-corrupt", "Enter")
+    panel.locator("circle.scatter-point").first.wait_for()
+    answer = api(server, "/attribution_patch", {"clean": IOI_CLEAN, "corrupt": IOI_CORRUPT, "answer": " Mary",
+                                                "distractor": " John", "site": "heads", "compare": True})
+    n_layers, n_heads = len(answer["attribution"]), len(answer["attribution"][0])
+    assert panel.locator("rect.head-cell").count() == panel.locator("circle.scatter-point").count() == n_layers * n_heads
+    assert panel.locator(".heads-correlation").text_content() == f"Pearson r = {answer['pearson']:.3f}"
+    tip = hover_text(page, panel.locator("rect.head-cell").nth(n_heads + 1))  # L1 H1
+    real = answer["exact_effect"][1][1] - answer["corrupt_metric"]
+    assert tip.startswith("L1 H1: attribution estimate")
+    shown, estimate, exact = numbers(tip)[-3:]
+    assert shown == estimate == pytest.approx(answer["attribution"][1][1], rel=1e-3)
+    assert exact == pytest.approx(real, rel=1e-3)
+    # a scatter point reads the same head
+    assert hover_text(page, panel.locator("circle.scatter-point").nth(n_heads + 1)) == tip
+    screenshot(page, "heads-attribution")
+    show_heads(page, panel, "patching")
+    tip = hover_text(page, panel.locator("rect.head-cell").nth(n_heads + 1))
+    assert tip.startswith("L1 H1: real patching") and numbers(tip)[-3] == pytest.approx(real, rel=1e-3)
+
+
+def test_heads_without_corrupt_prompt_asks_for_one(page):
+    panel = open_view(page, "heads")
+    page.select_option("#heads-show", "attribution")
+    page.wait_for_function("document.querySelector('#heads-status').textContent.includes('corrupt prompt')")
+    assert panel.locator("svg.figure").count() == 0 and page.locator("#error").is_hidden()
+
+
+def test_heads_chg_job_with_progress_and_taxonomy(page, server):
+    analyze(page, IOI_CLEAN)
+    panel = open_view(page, "heads")
+    page.select_option("#heads-show", "chg")
+    page.wait_for_function("document.querySelector('#heads-status').textContent.includes('Train CHG')")
+    page.fill("#heads-steps", "40")
+    with page.expect_response("**/jobs/chg") as started:
+        page.click("#heads-train")
+    job = started.value.json()["job"]
+    page.wait_for_function("document.querySelector('#heads-progress').value > 0")
+    assert page.locator("#heads-train").is_disabled()
+    panel.locator("svg.figure").wait_for(timeout=60_000)
+    result = server[1].get(f"/jobs/{job}").get_json()["result"]
+    counts = result["counts"]
+    assert page.locator("#heads-status").inner_text().startswith(f"done: {counts['facilitating']} facilitating")
+    assert page.locator("#heads-progress").evaluate("p => p.value") == 1
+    labels = panel.locator("rect.head-cell").evaluate_all("cells => cells.map(c => c.dataset.role)")
+    assert labels == [role for row in result["taxonomy"] for role in row]
+    tip = hover_text(page, panel.locator("rect.head-cell").first)
+    assert tip.startswith("L0 H0: CHG gate") and result["taxonomy"][0][0] in tip
+    assert numbers(tip)[-3] == pytest.approx(result["gates"]["toward_zero"][0][0], rel=1e-3)
+    screenshot(page, "heads-chg")
+
+
+def test_heads_chg_cancel(page, server):
+    panel = open_view(page, "heads")
+    page.select_option("#heads-show", "chg")
+    page.fill("#heads-steps", "1000")
+    page.click("#heads-train")
+    page.wait_for_function("document.querySelector('#heads-progress').value > 0")
+    page.click("#heads-cancel")
+    page.wait_for_function("document.querySelector('#heads-status').textContent === 'cancelled'")
+    assert not page.locator("#heads-train").is_disabled() and panel.locator("svg.figure").count() == 0
+
+
+def test_heads_exports(page, server):
+    analyze(page, IOI_CLEAN)
+    panel = open_view(page, "heads")
+    saved = {}
+    for fmt in ("png", "svg", "json"):
+        with page.expect_download() as download:
+            panel.locator(f'.exports button[data-export="{fmt}"]').click()
+        target = ARTIFACTS / f"export-heads.{fmt}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        download.value.save_as(target)
+        saved[fmt] = target.read_bytes()
+    assert saved["png"].startswith(b"\x89PNG\r\n\x1a\n")
+    assert b"<svg" in saved["svg"][:200] and saved["svg"].rstrip().endswith(b"</svg>")
+    assert json.loads(saved["json"]) == api(server, "/ablate", {"text": IOI_CLEAN, "answer": " Mary", "distractor": " John"})
+
+
+def test_heads_ioi_example_fills_the_pair(page):
+    page.click("#tab-heads")
+    page.click("#heads-example")
+    page.wait_for_function(f"document.querySelector('#token-count').textContent.length > 0 && "
+                           f"document.querySelector('#text').value === {json.dumps(IOI_CLEAN)}")
+    assert page.input_value("#heads-corrupt") == IOI_CORRUPT and page.input_value("#heads-answer") == " Mary"
