@@ -34,14 +34,22 @@ from explorer.tracing import causal_trace  # noqa: E402
 
 __all__ += ["Acts", "JobManager", "Target", "capture", "causal_trace", "parse_target", "patch", "recovery", "run_rows"]
 
+# Which heads matter: ablation sweeps, attribution patching, causal head gating (jobs' steps).
+from explorer.chg import chg  # noqa: E402
+from explorer.heads import ablate, attribution_patch  # noqa: E402
+
+__all__ += ["ablate", "attribution_patch", "chg"]
+
 # Plotting (matplotlib is imported only when a plot function is called, never by the server).
 from explorer.plots import (  # noqa: E402
     plot_attention_heatmap,
+    plot_attribution_vs_patching,
+    plot_head_grid,
     plot_logit_lens,
     plot_token_probabilities,
     plot_trajectories,
     project_2d,
 )
 
-__all__ += ["plot_attention_heatmap", "plot_logit_lens", "plot_token_probabilities", "plot_trajectories",
-            "project_2d"]
+__all__ += ["plot_attention_heatmap", "plot_attribution_vs_patching", "plot_head_grid", "plot_logit_lens",
+            "plot_token_probabilities", "plot_trajectories", "project_2d"]

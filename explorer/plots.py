@@ -212,3 +212,55 @@ def plot_token_probabilities(probabilities: Mapping[str, Any] | ArrayLike, token
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or "next-token probabilities by layer")
     return fig
+
+
+TAXONOMY_MARKS = {"facilitating": "F", "interfering": "I", "irrelevant": "", "ambiguous": "?"}
+
+
+def plot_head_grid(values: ArrayLike, *, taxonomy: Sequence[Sequence[str]] | None = None, gates: bool = False,
+                   ax: Axes | None = None, title: str | None = None) -> Figure:
+    """A layer x head grid [n_layers][n_heads]: an `/ablate` effect, an `/attribution_patch`
+    attribution or effect change, or CHG gates (`gates=True`: a 0 .. 1 scale). Effects use a
+    diverging scale centred on 0 (blue lowers the metric, red raises it). `taxonomy` (a CHG
+    result's) marks each head: F facilitating, I interfering, ? ambiguous, blank irrelevant."""
+    grid = np.asarray(values, dtype=float)
+    n_layers, n_heads = grid.shape
+    fig, ax = _axes(ax, (0.45 * n_heads + 2.2, 0.4 * n_layers + 1.4))
+    if gates:
+        image = ax.imshow(grid, cmap="Blues", vmin=0.0, vmax=1.0)
+    else:
+        limit = float(np.abs(grid).max()) or 1.0
+        image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    for (layer, head), role in np.ndenumerate(np.asarray(taxonomy if taxonomy is not None else [], dtype=object)):
+        if TAXONOMY_MARKS[role]:
+            ax.text(head, layer, TAXONOMY_MARKS[role], ha="center", va="center", fontsize=9, fontweight="bold",
+                    color="darkorange")
+    ax.set_xticks(range(n_heads), [f"H{h}" for h in range(n_heads)], fontsize=8)
+    ax.set_yticks(range(n_layers), [f"L{l}" for l in range(n_layers)], fontsize=8)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="gate" if gates else "metric change")
+    ax.set_title(title or ("CHG gates" if gates else "effect per head"))
+    return fig
+
+
+def plot_attribution_vs_patching(attribution: Mapping[str, Any], *, ax: Axes | None = None,
+                                 title: str | None = None) -> Figure:
+    """The attribution estimate against real patching, one point per cell (coloured by layer),
+    from an `/attribution_patch` response made with `compare: true`; the line is y = x."""
+    if "exact_effect" not in attribution:
+        raise ValueError("the response has no exact_effect: request it with compare=True")
+    estimate = np.asarray(attribution["effect"], dtype=float)
+    exact = np.asarray(attribution["exact_effect"], dtype=float)
+    layers = np.broadcast_to(np.arange(len(exact)).reshape((-1,) + (1,) * (exact.ndim - 1)), exact.shape)
+    fig, ax = _axes(ax, (5, 4.5))
+    points = ax.scatter(exact.ravel(), estimate.ravel(), c=layers.ravel(), cmap="viridis", s=18)
+    lo, hi = min(exact.min(), estimate.min()), max(exact.max(), estimate.max())
+    ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("real patching: metric after the patch")
+    ax.set_ylabel("attribution estimate")
+    fig.colorbar(points, ax=ax, label="layer")
+    r = attribution["pearson"]
+    ax.set_title(title or f"{attribution['site']}: Pearson r = {'n/a' if r is None else f'{r:.3f}'}, "
+                          f"max abs error {attribution['max_abs_error']:.3g}")
+    return fig

@@ -148,3 +148,60 @@ def test_token_probabilities_from_array():
     np.testing.assert_allclose(lines[1].get_ydata(), probs[:, 1])
     assert lines[0].get_label() == r"a\$b"  # escaped: a lone `$` would start mathtext
     fig.savefig(io.BytesIO(), format="png")  # renders without a display or pyplot
+
+
+# --- which heads matter ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def api_client(tiny_model):
+    from app import create_app
+
+    return create_app({"TESTING": True}, model=tiny_model).test_client()
+
+
+PAIR = {"clean": "When Mary and John went to the store, John gave a drink to",
+        "corrupt": "When Mary and John went to the store, Mary gave a drink to", "answer": " Mary", "distractor": " John"}
+
+
+def test_head_grid_of_an_ablation(api_client, tiny_model):
+    from model_utils import plot_head_grid
+
+    response = api_client.post("/ablate", json={"text": PAIR["clean"], "answer": " Mary"}).get_json()
+    fig = plot_head_grid(response["effect"], title="ablation")
+    ax = fig.axes[0]
+    (image,) = ax.images
+    np.testing.assert_allclose(image.get_array(), response["effect"])
+    assert image.get_array().shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
+    assert image.get_clim()[0] == -image.get_clim()[1]  # centred on 0
+    assert ax.get_title() == "ablation" and not ax.texts
+
+
+def test_head_grid_marks_the_taxonomy(tiny_model):
+    from model_utils import plot_head_grid
+
+    n_layers, n_heads = int(tiny_model.cfg.n_layers), int(tiny_model.cfg.n_heads)
+    roles = ["facilitating", "interfering", "irrelevant", "ambiguous"]
+    taxonomy = [[roles[(l + h) % 4] for h in range(n_heads)] for l in range(n_layers)]
+    gates = np.linspace(0, 1, n_layers * n_heads).reshape(n_layers, n_heads)
+    fig = plot_head_grid(gates, taxonomy=taxonomy, gates=True)
+    ax = fig.axes[0]
+    assert ax.images[0].get_clim() == (0.0, 1.0)
+    marks = {"facilitating": "F", "interfering": "I", "ambiguous": "?"}
+    want = sorted((h, l, marks[r]) for l, row in enumerate(taxonomy) for h, r in enumerate(row) if r in marks)
+    assert sorted((*t.get_position(), t.get_text()) for t in ax.texts) == want
+
+
+def test_attribution_vs_patching_scatter(api_client, tiny_model):
+    from model_utils import plot_attribution_vs_patching
+
+    body = {**PAIR, "site": "heads"}
+    with pytest.raises(ValueError, match="compare"):
+        plot_attribution_vs_patching(api_client.post("/attribution_patch", json=body).get_json())
+    response = api_client.post("/attribution_patch", json={**body, "compare": True}).get_json()
+    fig = plot_attribution_vs_patching(response)
+    ax = fig.axes[0]
+    offsets = ax.collections[0].get_offsets()
+    assert len(offsets) == tiny_model.cfg.n_layers * tiny_model.cfg.n_heads
+    np.testing.assert_allclose(offsets[:, 0], np.ravel(response["exact_effect"]))
+    np.testing.assert_allclose(offsets[:, 1], np.ravel(response["effect"]))
+    assert ax.get_title().startswith(f"heads: Pearson r = {response['pearson']:.3f}")
