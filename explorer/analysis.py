@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -77,6 +77,11 @@ def forward(bridge: Any, token_ids: Sequence[int]) -> Run:
 def check_index(name: str, value: int, size: int) -> None:
     if not 0 <= value < size:
         raise InvalidRequest(f"{name} must be between 0 and {size - 1}, got {value}")
+
+
+def check_choice(name: str, value: str, allowed: Iterable[str]) -> None:
+    if value not in allowed:
+        raise InvalidRequest(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def check_token_indices(token_indices: Sequence[int] | None, seq: int, n_layers: int) -> list[int]:

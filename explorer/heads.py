@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import patching, replay
-from .analysis import InvalidRequest, StopForward, readout
+from .analysis import InvalidRequest, StopForward, check_choice, readout
 from .targets import Target
 
 if TYPE_CHECKING:
@@ -45,10 +45,8 @@ def ablate(ex: "Explorer", text: str, target: Target, method: str, reference_tex
            site: str) -> Iterator[Any]:
     """Validate an /ablate request now (400s before any job starts); return its job's steps."""
     ex.require_causal("POST /ablate")
-    if site not in ABLATION_SITES:
-        raise InvalidRequest(f"site must be one of {', '.join(map(repr, ABLATION_SITES))}, got {site!r}")
-    if method not in METHODS:
-        raise InvalidRequest(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    check_choice("site", site, ABLATION_SITES)
+    check_choice("method", method, METHODS)
     ex.tokens(text)
     if reference_texts is not None:
         if method != "mean":

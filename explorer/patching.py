@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import replay
-from .analysis import InvalidRequest, readout
+from .analysis import check_choice, readout
 from .targets import Target, check_same_length, recovery
 
 if TYPE_CHECKING:
@@ -91,10 +91,8 @@ def patch(ex: "Explorer", clean: str, corrupt: str, target: Target, site: str,
           direction: str) -> Iterator[Any]:
     """Validate a /patch request now (400s before any job starts); return its job's steps."""
     ex.require_causal("POST /patch")
-    if site not in SITES:
-        raise InvalidRequest(f"site must be one of {', '.join(SITES)}, got {site!r}")
-    if direction not in DIRECTIONS:
-        raise InvalidRequest(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    check_choice("site", site, SITES)
+    check_choice("direction", direction, DIRECTIONS)
     clean_ids, clean_strs = ex.tokens(clean)
     corrupt_ids, corrupt_strs = ex.tokens(corrupt)
     check_same_length(clean_ids, corrupt_ids, clean_strs, corrupt_strs)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import replay
-from .analysis import InvalidRequest, check_index, readout
+from .analysis import InvalidRequest, check_choice, check_index, readout
 from .patching import final_logits
 from .targets import recovery
 
@@ -95,8 +95,7 @@ def causal_trace(ex: "Explorer", text: str, subject: str | Sequence[int], answer
                  noise: float | None, samples: int, seed: int, window: int | None) -> Iterator[Any]:
     """Validate a /causal_trace request now (400s before any job starts); return its job's steps."""
     ex.require_causal("POST /causal_trace")
-    if kind not in KINDS:
-        raise InvalidRequest(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    check_choice("kind", kind, KINDS)
     if not 1 <= samples <= MAX_SAMPLES:
         raise InvalidRequest(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
     n_layers = int(ex.model.cfg.n_layers)

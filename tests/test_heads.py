@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from tests.conftest import TEXT, TINY
-from tests.test_patching import CLEAN, CORRUPT, PAIR, HFPatcher, err, ids_of, ok, peaked, wait_job  # noqa: F401
+from tests.test_patching import (CLEAN, CORRUPT, PAIR, HFPatcher, err, grid_shape, ids_of, ok, peaked,  # noqa: F401
+                                 wait_job)
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +173,7 @@ def test_attribution_matches_independent_autograd(peaked, tiny_model, site, dire
     base, source = (corrupt_ids, clean_ids) if direction == "denoise" else (clean_ids, corrupt_ids)
     want = hf_attribution(hf_model, site, base, source, metric_of(body))
     got = np.array(body["attribution"])
-    cfg = tiny_model.cfg
-    assert got.shape == want.shape == {"heads": (cfg.n_layers, cfg.n_heads),
-                                       "heads_by_position": (cfg.n_layers, cfg.n_heads, len(base))}.get(
-                                           site, (cfg.n_layers, len(base)))
+    assert got.shape == want.shape == grid_shape(site, tiny_model.cfg, len(base))
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert np.abs(want).max() > 0.5  # not all zero
     base_metric = body["corrupt_metric"] if direction == "denoise" else body["clean_metric"]
@@ -400,21 +398,3 @@ def test_chg_job_route_beside_get_and_delete(client):
 ])
 def test_chg_bad_requests(client, change, needle):
     assert needle in err(client.post("/jobs/chg", json={"texts": [CLEAN], "targets": [" Mary"], **change}))
-
-
-def test_chg_jobs_are_bounded(tiny_model):
-    from app import create_app
-    from explorer.jobs import JobManager
-
-    app = create_app(model=tiny_model)
-    app.extensions["jobs"] = JobManager(max_jobs=4, max_running=1)
-    client = app.test_client()
-    release = threading.Event()
-    app.extensions["explorer"].worker.submit(lambda: release.wait(10))  # hold the worker
-    try:
-        body = {"texts": [TEXT], "targets": [" mat"], "steps": 1}
-        first, second = client.post("/jobs/chg", json=body), client.post("/jobs/chg", json=body)
-        assert (first.status_code, second.status_code) == (202, 503) and second.headers["Retry-After"]
-    finally:
-        release.set()
-    assert wait_job(client, first.get_json()["job"])["status"] == "done"

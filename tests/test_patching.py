@@ -108,6 +108,12 @@ def hf_patcher(hf_model) -> HFPatcher:
     return HFPatcher(hf_model)
 
 
+def grid_shape(site: str, cfg, seq: int) -> tuple[int, ...]:
+    """The shape of a patching grid of `site` for a model config and a prompt length."""
+    return {"heads": (cfg.n_layers, cfg.n_heads), "heads_by_position": (cfg.n_layers, cfg.n_heads, seq)}.get(
+        site, (cfg.n_layers, seq))
+
+
 def logit_diff(answer: int, distractor: int):
     return lambda logits: logits[answer] - logits[distractor]
 
@@ -122,9 +128,7 @@ def test_patch_grid_matches_independent_hf_hooks(client, hf_patcher, tiny_model,
     want = hf_patcher.grid(site, base, hf_patcher.capture(source), metric)
     got = np.array(body["effect"])
     cfg = tiny_model.cfg
-    assert got.shape == want.shape == {"heads": (cfg.n_layers, cfg.n_heads),
-                                       "heads_by_position": (cfg.n_layers, cfg.n_heads, len(base))}.get(
-                                           site, (cfg.n_layers, len(base)))
+    assert got.shape == want.shape == grid_shape(site, cfg, len(base))
     np.testing.assert_allclose(got, want, atol=1e-4)
     with torch.inference_mode():
         clean_logits = hf_patcher.model(torch.tensor([clean_ids])).logits[0, -1]

@@ -222,6 +222,7 @@ def test_loading_indicator(page):
     ("trajectories", "/trace", {}),
     ("attention", "/attention", {"layer": 0}),
     ("lens", "/predict", {"top_k": 5}),  # position: the last token
+    ("heads", "/ablate", {"answer": " Mary", "distractor": " John"}),  # the view's defaults
 ])
 def test_exports(page, server, view, path, params):
     panel = open_view(page, view)
@@ -376,22 +377,6 @@ def test_heads_chg_cancel(page, server):
     page.click("#heads-cancel")
     page.wait_for_function("document.querySelector('#heads-status').textContent === 'cancelled'")
     assert not page.locator("#heads-train").is_disabled() and panel.locator("svg.figure").count() == 0
-
-
-def test_heads_exports(page, server):
-    analyze(page, IOI_CLEAN)
-    panel = open_view(page, "heads")
-    saved = {}
-    for fmt in ("png", "svg", "json"):
-        with page.expect_download() as download:
-            panel.locator(f'.exports button[data-export="{fmt}"]').click()
-        target = ARTIFACTS / f"export-heads.{fmt}"
-        ARTIFACTS.mkdir(exist_ok=True)
-        download.value.save_as(target)
-        saved[fmt] = target.read_bytes()
-    assert saved["png"].startswith(b"\x89PNG\r\n\x1a\n")
-    assert b"<svg" in saved["svg"][:200] and saved["svg"].rstrip().endswith(b"</svg>")
-    assert json.loads(saved["json"]) == api(server, "/ablate", {"text": IOI_CLEAN, "answer": " Mary", "distractor": " John"})
 
 
 def test_heads_ioi_example_fills_the_pair(page):
