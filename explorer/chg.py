@@ -29,7 +29,7 @@ only inside each chunk's computation.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -144,14 +144,21 @@ def _chg_steps(ex: "Explorer", ids: list[tuple[int, ...]], answers: list[int], s
     with torch.inference_mode(False):  # autograd saves the token ids (the embedding's backward)
         batches = [(_padded(ids, rows, device), [answers[i] for i in rows]) for rows in micro_batches(ids, cfg)]
     total = len(STAGES) * steps * len(batches)
+    status: dict[str, Any] = {"progress": 0.0, "stage": STAGES[0][0], "step": 0, "steps": steps, "loss": None}
 
-    def mean_loss(gates: torch.Tensor | None) -> float:
-        return float(sum(nll_sum(bridge, t, last, a, gates) for (t, last), a in batches)) / len(ids)
+    def mean_loss(gates: torch.Tensor | None) -> Generator[dict[str, Any], None, float]:
+        """The cross-entropy over every text with these gates: forward passes, a micro-batch per chunk."""
+        loss = 0.0
+        for b, ((tokens, last), targets) in enumerate(batches):
+            if b:
+                yield status
+            loss += float(nll_sum(bridge, tokens, last, targets, gates))
+        return loss / len(ids)
 
     uniform = torch.rand(n_layers, n_heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     start = torch.logit(uniform.clamp(1e-6, 1 - 1e-6)).clamp(-LOGIT_CLIP, LOGIT_CLIP).float().to(device)
     result: dict[str, Any] = {"stages": [name for name, _ in STAGES], "gates": {}, "loss": {},
-                              "loss_history": {}, "loss_ungated": mean_loss(None)}
+                              "loss_history": {}, "loss_ungated": (yield from mean_loss(None))}
     done = 0
     for stage, sign in STAGES:
         with torch.inference_mode(False):
@@ -176,11 +183,11 @@ def _chg_steps(ex: "Explorer", ids: list[tuple[int, ...]], answers: list[int], s
                 done += 1
                 if b == len(batches) - 1:
                     history.append(cross_entropy)
-                yield {"progress": done / total, "stage": stage, "step": step, "steps": steps,
-                       "loss": history[-1] if history else None}
+                status.update(progress=done / total, stage=stage, step=step, loss=history[-1] if history else None)
+                yield status
         gates = logits.detach().sigmoid()
         result["gates"][stage] = gates.cpu().numpy()
-        result["loss"][stage] = mean_loss(gates)
+        result["loss"][stage] = yield from mean_loss(gates)
         result["loss_history"][stage] = np.array(history, dtype=np.float32)
         if stage == "unregularized":
             start = logits.detach().clone()

@@ -398,3 +398,24 @@ def test_chg_job_route_beside_get_and_delete(client):
 ])
 def test_chg_bad_requests(client, change, needle):
     assert needle in err(client.post("/jobs/chg", json={"texts": [CLEAN], "targets": [" Mary"], **change}))
+
+
+def test_chg_micro_batches_equal_one_batch(client, monkeypatch):
+    """Texts of different lengths padded into one batch, or one text per chunk with the step's
+    gradient summed over chunks: the same training."""
+    from explorer import chg, replay
+
+    body = {"texts": CHG_PROMPTS, "targets": [" mat", " Mary", " Paris", " six"], "steps": 5, "seed": 3}
+    ids = [ids_of(client, t) for t in CHG_PROMPTS]
+    cfg = client.application.extensions["explorer"].model.cfg
+    assert len(chg.micro_batches(ids, cfg)) == 1 and len({len(i) for i in ids}) == len(ids)
+    whole = wait_job(client, ok_job(client, body))["result"]
+    monkeypatch.setattr(replay, "row_budget", lambda cfg, seq, device: (1, 1.0))  # one text per micro-batch
+    assert [len(batch) for batch in chg.micro_batches(ids, cfg)] == [1] * len(ids)
+    state = wait_job(client, ok_job(client, body))
+    split = state["result"]
+    assert state["status"] == "done" and split["loss_ungated"] == pytest.approx(whole["loss_ungated"], abs=1e-5)
+    for stage in whole["stages"]:
+        np.testing.assert_allclose(split["gates"][stage], whole["gates"][stage], atol=1e-4)
+        np.testing.assert_allclose(split["loss_history"][stage], whole["loss_history"][stage], atol=1e-4)
+    assert split["taxonomy"] == whole["taxonomy"]
