@@ -7,7 +7,6 @@ Ablation and attribution are compared on `peaked` (a tiny model with larger weig
 are of order 1, so an absolute tolerance of 1e-4 is a relative one of about 1e-5."""
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
