@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import causal, core, jobs
+from . import causal, core, jobs, lens
 
 
 def register(app: Flask) -> None:
-    for module in (core, causal, jobs):
+    for module in (core, causal, jobs, lens):
         app.register_blueprint(module.bp)
