@@ -19,6 +19,9 @@ EXAMPLES = [
     ("example4_attention_head.json", "/attention", {"text": TEXT, "layer": 2, "head": 1}),
     ("example5_attention_layer.json", "/attention", {"text": TEXT, "layer": 0}),
     ("example6_model.json", "/model", None),
+    ("example7_lens.json", "/lens", {"text": TEXT, "target": " mat", "top_k": 3}),
+    ("example8_score.json", "/score", {"texts": [TEXT, "The cat sat on the hat"], "temperature": 0.7, "top_k": 3}),
+    ("example9_dla.json", "/dla", {"text": TEXT, "answer": " mat", "distractor": " floor"}),
 ]
 OUT = Path(__file__).resolve().parent.parent / "examples"
 

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from explorer import schemas
+from explorer import openapi, schemas
 from scripts.make_examples import EXAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSES = {"/tokenize": schemas.TokenizeResponse, "/trace": schemas.TraceResponse,
              "/predict": schemas.PredictResponse, "/attention": schemas.AttentionResponse,
              "/model": schemas.ModelInfo}
+RESPONSES.update({path: openapi.POSTS[path][1] for path in ("/lens", "/score", "/dla")})
 
 
 @pytest.mark.parametrize("name,path,body", EXAMPLES, ids=[e[0] for e in EXAMPLES])
