@@ -42,6 +42,7 @@ LENS_MAX_POSITIONS = 256  # per /lens request: each position projects n_layers v
 LENS_GRID_TOP_K_MAX = 10
 SCORE_MAX_TEXTS = 16
 SCORE_BATCH_TOKENS = 2048  # padded tokens per batched forward; more texts run as further batches
+SCORE_READOUT_ROWS = 512  # positions per /score projection ([rows, d_vocab] float32: 103 MB for GPT-2)
 TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-3, 1e3  # below, float32 logits / T overflow; above, all is uniform
 DECIMALS = 6  # log-probabilities, entropies, KL and attributions
 
@@ -83,14 +84,17 @@ class Scores(NamedTuple):
     final_logits: np.ndarray
 
 
-def scores(bridge: Any, run: Run) -> Scores:
-    """`Scores` of a cached run: its last layer read out at every position (one [seq, d_vocab] pass)."""
-    x = run.resid[-1].unsqueeze(0).to(dtype=bridge.cfg.dtype)
-    logits = analysis.readout(bridge, x)[0].float()  # [seq, d_vocab]
-    logprobs = logits[:-1].log_softmax(-1)
-    following = run.token_ids[1:].to(logits.device)
-    token_logprobs = logprobs.gather(-1, following[:, None])[:, 0]
-    return Scores(token_logprobs.cpu().numpy(), logits[-1].cpu().numpy())
+def scores(bridge: Any, runs: Sequence[Run]) -> list[Scores]:
+    """`Scores` of cached runs: their last layers read out at every position, all rows in one
+    projection ([sum of seq, d_vocab])."""
+    x = torch.cat([run.resid[-1] for run in runs]).unsqueeze(0).to(dtype=bridge.cfg.dtype)
+    logits = analysis.readout(bridge, x)[0].float()
+    out = []
+    for run, rows in zip(runs, logits.split([len(run.token_ids) for run in runs])):
+        following = run.token_ids[1:].to(rows.device)
+        token_logprobs = rows[:-1].log_softmax(-1).gather(-1, following[:, None])[:, 0]
+        out.append(Scores(token_logprobs.cpu().numpy(), rows[-1].cpu().numpy()))
+    return out
 
 
 def batches(lengths: Sequence[int], budget: int = SCORE_BATCH_TOKENS) -> list[list[int]]:
@@ -350,6 +354,24 @@ def runs(ex: Explorer, texts: Sequence[str]) -> list[Run]:
     return [ex.run(t) for t in texts]
 
 
+def _scores(ex: Explorer, texts: Sequence[str]) -> list[Scores]:
+    """The cached `Scores` of `texts`; those not cached yet are read out together (in groups of
+    at most SCORE_READOUT_ROWS rows) on the worker."""
+    by_text = dict(zip(texts, runs(ex, texts)))
+    bridge = ex.model.bridge
+
+    def fill() -> None:
+        missing = [t for t in by_text if ex.cache.get(("score", t)) is None]
+        for group in batches([len(by_text[t].token_ids) for t in missing], SCORE_READOUT_ROWS):
+            chosen = [missing[i] for i in group]
+            for text, s in zip(chosen, scores(bridge, [by_text[t] for t in chosen])):
+                ex.cache.fill(("score", text), s)
+
+    if sum(ex.cache.get(("score", t)) is None for t in by_text) > 1:
+        on_worker(ex, fill)
+    return [ex.cache.get_or_compute(("score", t), lambda t=t: scores(bridge, [by_text[t]])[0]) for t in texts]
+
+
 def texts_of(texts: Sequence[str] | None, text: str | None) -> list[str]:
     """The texts of a /score request: exactly one of `texts` and `text` must be given."""
     if (texts is None) == (text is None):
@@ -375,11 +397,9 @@ def score(ex: Explorer, texts: Sequence[str], temperature: float, top_k: int) ->
             tokens.append(ex.tokens(text))
         except InvalidRequest as exc:
             raise InvalidRequest(f"texts[{i}]: {exc}" if len(texts) > 1 else str(exc)) from None
-    bridge = ex.model.bridge
     vocab = ex.vocab_strs
     results = []
-    for text, run, (ids, strs) in zip(texts, runs(ex, texts), tokens):
-        s = ex.cache.get_or_compute(("score", text), lambda run=run: scores(bridge, run))
+    for s, (ids, strs) in zip(_scores(ex, texts), tokens):
         logprobs = [round(float(v), DECIMALS) for v in s.token_logprobs]
         logits = torch.from_numpy(s.final_logits).double()
         top = (logits / temperature).log_softmax(-1).topk(top_k)
