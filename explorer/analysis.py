@@ -95,16 +95,22 @@ def check_index(name: str, value: int, size: int) -> None:
         raise InvalidRequest(f"{name} must be between 0 and {size - 1}, got {value}")
 
 
+def check_positions(name: str, positions: Sequence[int], seq: int) -> list[int]:
+    """`positions` as a list, if non-empty, distinct and each in 0 .. seq-1; 400 naming `name` otherwise."""
+    if not positions:
+        raise InvalidRequest(f"{name} must not be empty")
+    for i in positions:
+        check_index(f"{name}[]", i, seq)
+    if len(set(positions)) != len(positions):
+        raise InvalidRequest(f"{name} must not contain duplicates")
+    return list(positions)
+
+
 def check_token_indices(token_indices: Sequence[int] | None, seq: int, n_layers: int) -> list[int]:
     """Validated trace indices; default: every token but BOS (index 0)."""
     if token_indices is None:
         token_indices = list(range(1, seq)) or [0]
-    if not token_indices:
-        raise InvalidRequest("token_indices must not be empty")
-    for i in token_indices:
-        check_index("token_indices[]", i, seq)
-    if len(set(token_indices)) != len(token_indices):
-        raise InvalidRequest("token_indices must not contain duplicates")
+    token_indices = check_positions("token_indices", token_indices, seq)
     if len(token_indices) * n_layers < 2:
         raise InvalidRequest("trace needs at least 2 points (tokens x layers) for a 2D PCA")
     return list(token_indices)

@@ -43,7 +43,7 @@ LENS_GRID_TOP_K_MAX = 10
 SCORE_MAX_TEXTS = 16
 SCORE_BATCH_TOKENS = 2048  # padded tokens per batched forward; more texts run as further batches
 SCORE_READOUT_ROWS = 512  # positions per /score projection ([rows, d_vocab] float32: 103 MB for GPT-2)
-TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-3, 1e3  # below, float32 logits / T overflow; above, all is uniform
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-3, 1e3  # past these, softmax(logits / T) is one-hot or uniform anyway
 DECIMALS = 6  # log-probabilities, entropies, KL and attributions
 
 
@@ -268,20 +268,13 @@ def _probability(p: float) -> float:
     return float(f"{p:.{PROBABILITY_DIGITS}g}")
 
 
-def check_positions(positions: Sequence[int] | None, seq: int) -> list[int]:
+def check_lens_positions(positions: Sequence[int] | None, seq: int) -> list[int]:
     """Validated /lens positions; default every position. 400 past LENS_MAX_POSITIONS."""
-    if positions is None:
-        positions = list(range(seq))
-    if not positions:
-        raise InvalidRequest("positions must not be empty")
-    for p in positions:
-        check_index("positions[]", p, seq)
-    if len(set(positions)) != len(positions):
-        raise InvalidRequest("positions must not contain duplicates")
+    positions = analysis.check_positions("positions", list(range(seq)) if positions is None else positions, seq)
     if len(positions) > LENS_MAX_POSITIONS:
         raise InvalidRequest(f"positions: at most {LENS_MAX_POSITIONS} positions per request, got {len(positions)} "
                              f"(the text has {seq} tokens; pass positions to read part of it)")
-    return list(positions)
+    return positions
 
 
 def _lens_with_target(ex: Explorer, text: str, run: Run, position: int, target: int) -> TargetLens:
@@ -298,7 +291,7 @@ def lens(ex: Explorer, text: str, positions: Sequence[int] | None, target: Token
     """POST /lens: the logit lens of every layer at `positions` (default all), with a target's
     probability, rank and crossover layer."""
     ids, strs = ex.tokens(text)
-    positions = check_positions(positions, len(ids))
+    positions = check_lens_positions(positions, len(ids))
     if not 1 <= top_k <= LENS_GRID_TOP_K_MAX:
         raise InvalidRequest(f"top_k must be between 1 and {LENS_GRID_TOP_K_MAX}, got {top_k}")
     d_vocab = int(ex.model.cfg.d_vocab)

@@ -224,16 +224,7 @@ def test_loading_indicator(page):
 ])
 def test_exports(page, server, view, path, params):
     panel = open_view(page, view)
-    saved = {}
-    for fmt in ("png", "svg", "json"):
-        with page.expect_download() as download:
-            panel.locator(f'.exports button[data-export="{fmt}"]').click()
-        target = ARTIFACTS / f"export-{view}.{fmt}"
-        ARTIFACTS.mkdir(exist_ok=True)
-        download.value.save_as(target)
-        saved[fmt] = target.read_bytes()
-    assert saved["png"].startswith(b"\x89PNG\r\n\x1a\n")
-    assert b"<svg" in saved["svg"][:200] and saved["svg"].rstrip().endswith(b"</svg>")
+    saved = download_exports(page, panel, f"export-{view}")
     text = page.input_value("#text")
     if view == "lens":
         params["token_index"] = len(api(server, "/tokenize", {"text": text})["tokens"]) - 1
@@ -273,6 +264,21 @@ def test_stale_error_does_not_cover_a_newer_answer(page, server):
 
 
 # --- logit lens grid, surprisal chips, attribution --------------------------------------------
+
+def download_exports(page, panel, stem: str) -> dict[str, bytes]:
+    """Click a view's PNG, SVG and JSON downloads; check the image formats; return the bytes."""
+    saved = {}
+    for fmt in ("png", "svg", "json"):
+        with page.expect_download() as download:
+            panel.locator(f'.exports button[data-export="{fmt}"]').click()
+        target = ARTIFACTS / f"{stem}.{fmt}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        download.value.save_as(target)
+        saved[fmt] = target.read_bytes()
+    assert saved["png"].startswith(b"\x89PNG\r\n\x1a\n")
+    assert b"<svg" in saved["svg"][:200] and saved["svg"].rstrip().endswith(b"</svg>")
+    return saved
+
 
 def show_token(token: str, limit: int) -> str:
     """svg.js's showToken: visible spaces, newlines and tabs, long tokens cut with an ellipsis."""
@@ -391,16 +397,7 @@ def test_attribution(page, server):
 def test_exports_of_grid_and_attribution(page, server, view, path, params, setup):
     panel = open_view(page, view)
     redraw(page, panel, lambda: setup(page))
-    saved = {}
-    for fmt in ("png", "svg", "json"):
-        with page.expect_download() as download:
-            panel.locator(f'.exports button[data-export="{fmt}"]').click()
-        target = ARTIFACTS / f"export-{view}-{path.strip('/')}.{fmt}"
-        ARTIFACTS.mkdir(exist_ok=True)
-        download.value.save_as(target)
-        saved[fmt] = target.read_bytes()
-    assert saved["png"].startswith(b"\x89PNG\r\n\x1a\n")
-    assert b"<svg" in saved["svg"][:200] and saved["svg"].rstrip().endswith(b"</svg>")
+    saved = download_exports(page, panel, f"export-{view}-{path.strip('/')}")
     text = page.input_value("#text")
     if view == "dla":
         params["position"] = len(api(server, "/tokenize", {"text": text})["tokens"]) - 1
