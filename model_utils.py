@@ -53,3 +53,8 @@ from explorer.plots import (  # noqa: E402
 
 __all__ += ["plot_attention_heatmap", "plot_attribution_vs_patching", "plot_head_grid", "plot_logit_lens",
             "plot_token_probabilities", "plot_trajectories", "project_2d"]
+
+# Reading the prediction (Explorer.lens, .score, .dla): the grid, a target's trajectory, DLA.
+from explorer.plots import plot_dla, plot_lens_grid, plot_target_trajectory  # noqa: E402
+
+__all__ += ["plot_dla", "plot_lens_grid", "plot_target_trajectory"]

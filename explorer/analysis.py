@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -36,33 +36,46 @@ def pattern_hook(layer: int) -> str:
 
 
 def forward(bridge: Any, token_ids: Sequence[int]) -> Run:
-    """Run the model once on `token_ids` and keep only what the endpoints read.
+    """Run the model once on `token_ids` and keep only what the endpoints read (`forward_batch`
+    of one text: no padding, so the run is exactly that of the text alone)."""
+    return forward_batch(bridge, [token_ids])[0]
+
+
+def forward_batch(bridge: Any, batch: Sequence[Sequence[int]]) -> list[Run]:
+    """Run the model once on several texts' token ids, right-padded into one batch; one `Run` each.
 
     Hooks are attached for this call only (`bridge.hooks` removes them on exit) and the pass
     stops after the last block, skipping the [seq, d_vocab] unembedding a plain forward pays.
+    Right padding leaves a causal model's real positions alone: they never attend to the pad
+    tokens after them and keep position ids 0..len-1, so each run equals the text's own pass up
+    to float rounding (~1e-6: batched matmuls round differently), not bit for bit. Only causal
+    models may be batched with padding; one text needs no padding.
     """
     cfg = bridge.cfg
-    n_layers, seq = int(cfg.n_layers), len(token_ids)
-    tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=cfg.device)
+    n_layers, seq = int(cfg.n_layers), max(len(ids) for ids in batch)
+    pad = 0  # any id: causal attention never lets a real position see it
+    tokens = torch.tensor([list(ids) + [pad] * (seq - len(ids)) for ids in batch], dtype=torch.long,
+                          device=cfg.device)
     # Each hook copies into tensors preallocated on the model's device (patterns straight to
     # float16), so no layer's float32 pattern outlives its block and nothing is stacked
     # afterwards: at 1024 tokens that is 600 MB less to allocate and copy. On a GPU the run stays
     # there: copying it to the host would cost several forward passes.
-    resid = torch.empty(n_layers, seq, int(cfg.d_model), dtype=torch.float32, device=cfg.device)
-    patterns = torch.empty(n_layers, int(cfg.n_heads), seq, seq, dtype=torch.float16, device=cfg.device)
+    size = len(batch)
+    resid = torch.empty(size, n_layers, seq, int(cfg.d_model), dtype=torch.float32, device=cfg.device)
+    patterns = torch.empty(size, n_layers, int(cfg.n_heads), seq, seq, dtype=torch.float16, device=cfg.device)
     seen: set[str] = set()
     last = resid_hook(n_layers - 1)
 
     def keep(name: str, out: torch.Tensor):
         def hook(tensor: torch.Tensor, hook: Any) -> None:
-            out.copy_(tensor[0].detach())  # callers outside inference_mode (notebooks) too
+            out.copy_(tensor.detach())  # callers outside inference_mode (notebooks) too
             seen.add(name)
             if name == last:
                 raise StopForward
         return hook
 
-    hooks = [(pattern_hook(l), keep(pattern_hook(l), patterns[l])) for l in range(n_layers)]
-    hooks += [(resid_hook(l), keep(resid_hook(l), resid[l])) for l in range(n_layers)]
+    hooks = [(pattern_hook(l), keep(pattern_hook(l), patterns[:, l])) for l in range(n_layers)]
+    hooks += [(resid_hook(l), keep(resid_hook(l), resid[:, l])) for l in range(n_layers)]
     try:
         with bridge.hooks(fwd_hooks=hooks):
             bridge(tokens)
@@ -71,7 +84,10 @@ def forward(bridge: Any, token_ids: Sequence[int]) -> Run:
     missing = [name for name, _ in hooks if name not in seen]
     if missing:
         raise RuntimeError(f"forward pass did not reach hooks {missing[:3]}")
-    return Run(token_ids=tokens[0].cpu(), resid=resid, patterns=patterns)
+    if size == 1:
+        return [Run(token_ids=tokens[0].cpu(), resid=resid[0], patterns=patterns[0])]
+    return [Run(token_ids=tokens[b, :len(ids)].cpu(), resid=resid[b, :, :len(ids)].clone(),
+                patterns=patterns[b, :, :, :len(ids), :len(ids)].clone()) for b, ids in enumerate(batch)]
 
 
 def check_index(name: str, value: int, size: int) -> None:
@@ -84,16 +100,22 @@ def check_choice(name: str, value: str, allowed: Iterable[str]) -> None:
         raise InvalidRequest(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def check_positions(name: str, positions: Sequence[int], seq: int) -> list[int]:
+    """`positions` as a list, if non-empty, distinct and each in 0 .. seq-1; 400 naming `name` otherwise."""
+    if not positions:
+        raise InvalidRequest(f"{name} must not be empty")
+    for i in positions:
+        check_index(f"{name}[]", i, seq)
+    if len(set(positions)) != len(positions):
+        raise InvalidRequest(f"{name} must not contain duplicates")
+    return list(positions)
+
+
 def check_token_indices(token_indices: Sequence[int] | None, seq: int, n_layers: int) -> list[int]:
     """Validated trace indices; default: every token but BOS (index 0)."""
     if token_indices is None:
         token_indices = list(range(1, seq)) or [0]
-    if not token_indices:
-        raise InvalidRequest("token_indices must not be empty")
-    for i in token_indices:
-        check_index("token_indices[]", i, seq)
-    if len(set(token_indices)) != len(token_indices):
-        raise InvalidRequest("token_indices must not contain duplicates")
+    token_indices = check_positions("token_indices", token_indices, seq)
     if len(token_indices) * n_layers < 2:
         raise InvalidRequest("trace needs at least 2 points (tokens x layers) for a 2D PCA")
     return list(token_indices)
@@ -198,7 +220,16 @@ def attention(run: Run, layer: int, head: int | None) -> np.ndarray:
     return np.round(pattern.cpu().float().numpy(), ATTENTION_DECIMALS)
 
 
-Lens = tuple[np.ndarray, np.ndarray, np.ndarray]
+class Lens(NamedTuple):
+    """The logit lens at one position, every layer: the top K = LENS_TOP_K_MAX tokens (probs,
+    logits, ids: [n_layers, K], most probable first) and, of the whole distribution, its entropy
+    and KL(final || layer) in nats ([n_layers]; KL is exactly 0 at the last layer)."""
+
+    probs: np.ndarray
+    logits: np.ndarray
+    ids: np.ndarray
+    entropy: np.ndarray
+    kl_to_final: np.ndarray
 
 
 def readout(bridge: Any, resid: torch.Tensor) -> torch.Tensor:
@@ -209,26 +240,37 @@ def readout(bridge: Any, resid: torch.Tensor) -> torch.Tensor:
     return bridge.adapter.apply_output_logits_transform(bridge.unembed(bridge.ln_final(resid)))
 
 
-def lens_top_k(bridge: Any, run: Run, position: int) -> Lens:
-    """Logit lens at one position: softmax(unembed(ln_final(resid_post_l))) for every layer l.
-
-    Returns (probs [n_layers, K], logits [n_layers, K], ids [n_layers, K]) of the top
-    K = LENS_TOP_K_MAX tokens, sorted by probability. Only this position is projected. Always
-    one position per call: a batched matmul rounds differently in the last bits, and a
-    prefetched answer must be byte-identical to one computed on demand.
-    """
+def lens_logits(bridge: Any, run: Run, position: int) -> torch.Tensor:
+    """Logit lens at one position: readout(resid_post_l) for every layer l -> [n_layers, d_vocab]
+    float32. Always one position per call: a batched matmul rounds differently in the last bits,
+    and a prefetched answer must be byte-identical to one computed on demand."""
     x = run.resid[:, position, :].unsqueeze(0).to(dtype=bridge.cfg.dtype)
-    logits = readout(bridge, x)[0].float()  # [n_layers, d_vocab]
+    return readout(bridge, x)[0].float()
+
+
+def lens_summary(logits: torch.Tensor) -> Lens:
+    """`Lens` of the lens logits [n_layers, d_vocab] at one position."""
     k = min(LENS_TOP_K_MAX, logits.shape[-1])
     top_logits, ids = logits.topk(k, dim=-1)
-    probs = (top_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
-    return probs.cpu().numpy(), top_logits.cpu().numpy(), ids.cpu().numpy()
+    lse = logits.logsumexp(dim=-1, keepdim=True)
+    probs = (top_logits - lse).exp()
+    logp = logits - lse
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    kl = (p[-1] * (logp[-1] - logp)).sum(-1)  # the last row minus itself: exactly 0
+    return Lens(*(t.cpu().numpy() for t in (probs, top_logits, ids, entropy, kl)))
+
+
+def lens_top_k(bridge: Any, run: Run, position: int) -> Lens:
+    """Logit lens at one position: softmax(unembed(ln_final(resid_post_l))) for every layer l,
+    summarized as a `Lens`. Only this position is projected."""
+    return lens_summary(lens_logits(bridge, run, position))
 
 
 def predictions(lens: Lens, top_k: int,
                 token_strs: Sequence[str]) -> list[dict[str, Any]]:
     """`predictions_by_layer` from `lens_top_k` output; `token_strs` decodes vocabulary ids."""
-    probs, logits, ids = lens
+    probs, logits, ids = lens.probs, lens.logits, lens.ids
     return [
         {
             "layer": layer,

@@ -48,7 +48,7 @@ def _apply_bounds(component: dict[str, Any], info: dict[str, Any]) -> None:
     """Integer ranges that depend on the loaded model, on every request model's fields."""
     bounds = _bounds(info)
     for name, prop in component.get("properties", {}).items():
-        if name in bounds:
+        if name in bounds and "maximum" not in prop:  # a field's own bounds (e.g. /lens's top_k) stay
             target = next((s for s in prop.get("anyOf", [prop]) if s.get("type") == "integer"), prop)
             target["minimum"], target["maximum"] = bounds[name]
         if name == "token_indices":

@@ -263,4 +263,106 @@ def plot_attribution_vs_patching(attribution: Mapping[str, Any], *, ax: Axes | N
     r = attribution["pearson"]
     ax.set_title(title or f"{attribution['site']}: Pearson r = {'n/a' if r is None else f'{r:.3f}'}, "
                           f"max abs error {attribution['max_abs_error']:.3g}")
+LENS_SHADES = {"probability": "top-1 probability", "entropy": "entropy (nats)", "kl": "KL(final || layer) (nats)"}
+
+
+def plot_lens_grid(lens: Mapping[str, Any], shade: str = "probability", *, ax: Axes | None = None,
+                   title: str | None = None) -> Figure:
+    """Logit lens grid (a `/lens` response): rows are layers (last on top), columns the positions;
+    each cell names the layer's top-1 next-token guess and is coloured by `shade`: "probability"
+    (of that guess), "entropy" of the layer's distribution, or "kl" (KL(final || layer))."""
+    if shade not in LENS_SHADES:
+        raise ValueError(f"shade must be one of {', '.join(LENS_SHADES)}, got {shade!r}")
+    top = lens["top"]
+    values = np.array({"probability": [[cell[0]["probability"] for cell in row] for row in top],
+                       "entropy": lens["entropy"], "kl": lens["kl_to_final"]}[shade], dtype=float)
+    n_layers, n_pos = values.shape
+    fig, ax = _axes(ax, (0.9 * n_pos + 2.5, 0.5 * n_layers + 1.8))
+    image = ax.imshow(values, cmap="Blues", aspect="auto", origin="lower", vmin=0.0,
+                      vmax=1.0 if shade == "probability" else None)
+    threshold = (image.norm.vmax or 1.0) / 2  # white text on dark cells
+    for layer in range(n_layers):
+        for col in range(n_pos):
+            ax.text(col, layer, _label(top[layer][col][0]["token"]), ha="center", va="center", fontsize=7,
+                    color="white" if values[layer, col] > threshold else "black")
+    tokens = lens["tokens"]
+    ax.set_xticks(range(n_pos), [f"{_label(tokens[p])}\n#{p}" for p in lens["positions"]], fontsize=8)
+    ax.set_yticks(range(n_layers), [str(l) for l in range(n_layers)])
+    ax.set_xlabel("position (input token)")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, label=LENS_SHADES[shade])
+    ax.set_title(title or "logit lens: top-1 next-token guess by layer")
+    return fig
+
+
+def plot_target_trajectory(lens: Mapping[str, Any], position: int | None = None, *, ax: Axes | None = None,
+                           title: str | None = None) -> Figure:
+    """A target's probability (left axis) and rank (right axis, log scale, rank 1 on top) at
+    every layer for one position of a `/lens` response made with `target`; the crossover layer
+    (from which the target stays top-1) is marked. `position` defaults to the last one asked."""
+    target = lens.get("target")
+    if not target:
+        raise ValueError("the /lens response has no target: request it with a target token")
+    positions = list(lens["positions"])
+    position = positions[-1] if position is None else position
+    if position not in positions:
+        raise ValueError(f"position {position} is not among the response's positions {positions}")
+    k = positions.index(position)
+    probs = np.array([row[k] for row in target["probability"]], dtype=float)
+    ranks = np.array([row[k] for row in target["rank"]], dtype=float)
+    crossover = target["crossover_layer"][k]
+    layers = np.arange(len(probs))
+    fig, ax = _axes(ax, (6, 4))
+    ax.plot(layers, probs, marker="o", color="tab:blue", label="probability")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("probability", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot(layers, ranks, marker="s", linestyle="--", color="tab:orange", label="rank")
+    twin.set_yscale("log")
+    twin.set_ylim(max(ranks.max() * 2, 10), 0.8)  # rank 1 on top
+    twin.set_ylabel("rank (log scale, 1 = top)", color="tab:orange")
+    if crossover is not None:
+        ax.axvline(crossover, color="black", linestyle=":", label=f"crossover (layer {crossover})")
+    ax.legend(handles=ax.get_lines() + twin.get_lines(), fontsize=8, loc="center left")
+    ax.set_title(title or f"'{_label(target['token'])}' after token {position} "
+                          f"('{_label(lens['tokens'][position])}')"
+                          + ("" if crossover is not None else ": never top-1 at the end"))
+    return fig
+
+
+def plot_dla(dla: Mapping[str, Any], *, title: str | None = None) -> Figure:
+    """Direct logit attribution (a `/dla` response): the attention and MLP output of each layer
+    as bars (embedding and biases noted in the title), and each head as a layers x heads heatmap
+    in diverging colours (blue raises the metric, red lowers it)."""
+    from matplotlib.figure import Figure
+
+    attn, mlp = np.asarray(dla["attn"], dtype=float), np.asarray(dla["mlp"], dtype=float)
+    heads = np.asarray(dla["heads"], dtype=float)
+    n_layers, n_heads = heads.shape
+    fig = Figure(figsize=(6 + 0.4 * n_heads, 0.35 * n_layers + 3), layout="constrained")
+    bars, heat = fig.subplots(1, 2, width_ratios=[1.3, 1])
+    layers = np.arange(n_layers)
+    bars.bar(layers - 0.2, attn, width=0.4, label="attention", color="tab:blue")
+    bars.bar(layers + 0.2, mlp, width=0.4, label="MLP", color="tab:green")
+    bars.axhline(0, color="black", linewidth=0.8)
+    bars.set_xticks(layers)
+    bars.set_xlabel("layer")
+    bars.set_ylabel("contribution to the metric")
+    bars.legend(fontsize=8)
+    bars.set_title(f"embed {dla['embed']:+.3f}, bias {dla['bias']:+.3f}, total {dla['total']:+.3f}", fontsize=9)
+    bound = float(np.abs(heads).max()) or 1.0
+    image = heat.imshow(heads, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto", origin="lower")
+    heat.set_xticks(range(n_heads))
+    heat.set_yticks(layers)
+    heat.set_xlabel("head")
+    heat.set_ylabel("layer")
+    heat.set_title("per head", fontsize=9)
+    fig.colorbar(image, ax=heat, shrink=0.8)
+    answer = dla["answer"]["token"]
+    distractor = dla.get("distractor")
+    metric = (f"logit('{_label(answer)}') - logit('{_label(distractor['token'])}')" if distractor
+              else f"logit('{_label(answer)}')")
+    fig.suptitle(title or f"direct logit attribution of {metric} after token {dla['position']}")
     return fig

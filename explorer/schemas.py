@@ -12,6 +12,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from .analysis import InvalidRequest
 
 
+# A token given by the user: a string that must be exactly one token, or a token id.
+TokenSpec = Union[StrictStr, StrictInt]
+
+
+class TokenRef(BaseModel):
+    """A token named in an answer: its string and id."""
+
+    token: str
+    token_id: int
+
+
 class Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=False)
 

@@ -5,7 +5,7 @@ import functools
 import threading
 from typing import Any, Sequence
 
-from . import analysis, replay
+from . import analysis, lens, replay
 from .analysis import InvalidRequest
 from .engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, ByteLRU, ModelWorker, Run
 from .loading import LoadedModel
@@ -174,3 +174,16 @@ class Explorer:
         run = self.cache.get(("run", text))
         if run is not None and self.cache.get(("lens", text, position)) is None:
             self.cache.fill(("lens", text, position), analysis.lens_top_k(self.model.bridge, run, position))
+
+    # --- reading the prediction (explorer/lens.py) --------------------------------------------
+
+    def lens(self, text: str, positions: Sequence[int] | None = None, target: TokenSpec | None = None,
+             top_k: int = 1) -> dict[str, Any]:
+        return lens.lens(self, text, positions, target, top_k)
+
+    def score(self, texts: Sequence[str], temperature: float = 1.0, top_k: int = 5) -> dict[str, Any]:
+        return lens.score(self, texts, temperature, top_k)
+
+    def dla(self, text: str, answer: TokenSpec, distractor: TokenSpec | None = None,
+            position: int | None = None) -> dict[str, Any]:
+        return lens.dla(self, text, answer, distractor, position)

@@ -25,6 +25,9 @@ EXAMPLES = [
     ("example7_ablate.json", "/ablate", {"text": IOI, "answer": " Mary", "distractor": " John"}),
     ("example8_attribution_patch.json", "/attribution_patch",
      {"clean": IOI, "corrupt": IOI_CORRUPT, "answer": " Mary", "distractor": " John", "site": "heads", "compare": True}),
+    ("example10_lens.json", "/lens", {"text": TEXT, "target": " mat", "top_k": 3}),
+    ("example11_score.json", "/score", {"texts": [TEXT, "The cat sat on the hat"], "temperature": 0.7, "top_k": 3}),
+    ("example12_dla.json", "/dla", {"text": TEXT, "answer": " mat", "distractor": " floor"}),
 ]
 # Jobs: the file is the finished job (GET /jobs/{id}), the request the POST that started it.
 JOB_EXAMPLES = [

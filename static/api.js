@@ -54,3 +54,13 @@ export const startChg = (texts, targets, steps = 100) => call("POST", "/jobs/chg
 export const getJob = (job) => call("GET", `/jobs/${job}`);
 
 export const cancelJob = (job) => call("DELETE", `/jobs/${job}`);
+// Logit lens grid: positions omitted = every position; target = a one-token string or a token id.
+export const lens = (text, { positions, target, top_k = 1 } = {}) =>
+  call("POST", "/lens", { text, positions, target, top_k });
+
+// token_logprobs, perplexity and the next-token distribution of 1-16 texts (one padded batch).
+export const score = (texts, temperature = 1, top_k = 5) => call("POST", "/score", { texts, temperature, top_k });
+
+// Direct logit attribution; distractor null: the answer's logit; position null: the last token.
+export const dla = (text, answer, distractor = null, position = null) =>
+  call("POST", "/dla", { text, answer, distractor, position });

@@ -1,10 +1,12 @@
-// Page wiring: the text box and token chips, the three views, their exports.
+// Page wiring: the text box and token chips, the views, their exports.
 import * as api from "./api.js";
 import { drawAttention } from "./attention.js";
+import { drawAttribution } from "./attribution.js";
 import { saveJSON, savePNG, saveSVG } from "./export.js";
 import { headsView, setUpHeads } from "./heads.js";
 import { drawLens } from "./lens.js";
-import { showToken } from "./svg.js";
+import { drawLensGrid } from "./lensgrid.js";
+import { inkOn, oranges, rgb, showToken } from "./svg.js";
 import { drawTrajectories } from "./trajectories.js";
 
 const $ = (selector) => document.querySelector(selector);
@@ -50,6 +52,26 @@ async function busy(box, work, source, current = () => true) {
   }
 }
 
+// The lens grid reads at most this many positions per request: a window around the selected one.
+const GRID_POSITIONS = 96;
+
+const lensGrid = () => $("#lens-mode").value === "grid";
+
+// Positions the grid asks for (undefined: every position), centred on the selected one.
+function gridPositions() {
+  const n = state.tokens.length;
+  if (n <= GRID_POSITIONS) return undefined;
+  const start = Math.min(Math.max(Number($("#lens-pos").value) - GRID_POSITIONS / 2, 0), n - GRID_POSITIONS);
+  return Array.from({ length: GRID_POSITIONS }, (_, i) => start + i);
+}
+
+// A token typed in a box: "" -> undefined, digits -> a token id, anything else as typed
+// (leading spaces matter: " mat" and "mat" are different tokens).
+function tokenSpec(value) {
+  if (value === "") return undefined;
+  return /^\d+$/.test(value) ? Number(value) : value;
+}
+
 function options(select, items, selected) {
   select.replaceChildren(...items.map(([value, label]) => new Option(label, value, false, value === selected)));
 }
@@ -74,10 +96,35 @@ const views = {
     name: () => `attention-L${$("#attn-layer").value}-H${$("#attn-head").value}`,
   },
   lens: {
-    key: () => `${$("#lens-pos").value}/${$("#lens-k").value}`,
-    request: () => api.predict(state.text, Number($("#lens-pos").value), Number($("#lens-k").value)),
-    draw: drawLens,
-    name: () => `lens-pos${$("#lens-pos").value}`,
+    // The grid refetches only for another window or target: shade and position just redraw.
+    key: () => (lensGrid() ? `grid/${gridPositions()}/${$("#lens-target").value}`
+                           : `${$("#lens-pos").value}/${$("#lens-k").value}`),
+    request: () => (lensGrid()
+      ? api.lens(state.text, { positions: gridPositions(), target: tokenSpec($("#lens-target").value), top_k: 5 })
+      : api.predict(state.text, Number($("#lens-pos").value), Number($("#lens-k").value))),
+    draw: (data, readout) => (lensGrid()
+      ? drawLensGrid(data, readout, {
+        shade: $("#lens-shade").value,
+        position: Number($("#lens-pos").value),
+        select: (position) => {
+          $("#lens-pos").value = String(position);
+          show("lens");
+        },
+      })
+      : drawLens(data, readout)),
+    name: () => (lensGrid() ? "lens-grid" : `lens-pos${$("#lens-pos").value}`),
+  },
+  dla: {
+    key: () => `${$("#dla-pos").value}/${$("#dla-answer").value}/${$("#dla-distractor").value}`,
+    // No answer typed: attribute the model's own top-1 next token at that position.
+    request: async () => {
+      const position = Number($("#dla-pos").value);
+      const answer = tokenSpec($("#dla-answer").value)
+        ?? (await api.predict(state.text, position, 1)).predictions_by_layer.at(-1).top_tokens[0].token_id;
+      return api.dla(state.text, answer, tokenSpec($("#dla-distractor").value) ?? null, position);
+    },
+    draw: drawAttribution,
+    name: () => `dla-pos${$("#dla-pos").value}`,
   },
   heads: headsView(() => state.text),
 };
@@ -115,6 +162,7 @@ function renderChips() {
       textContent: isBos ? "BOS" : showToken(t.token_str, 24),
       title: `#${t.index} · id ${t.token_id} · ${JSON.stringify(t.token_str)}${isBos ? " (beginning of sequence)" : ""}`,
     }, { "aria-pressed": state.traced.has(t.index) });
+    chip.dataset.title = chip.title;
     chip.addEventListener("click", () => {
       if (state.traced.has(t.index) && state.traced.size === 1) return;  // trace needs a token
       state.traced.has(t.index) ? state.traced.delete(t.index) : state.traced.add(t.index);
@@ -123,6 +171,38 @@ function renderChips() {
     });
     return chip;
   }));
+}
+
+// Token chips coloured by surprisal, -log P(token | prefix) from /score, with a legend.
+async function colourSurprisal() {
+  const chips = [...document.querySelectorAll("#chips .chip")];
+  const legend = $("#surprisal-legend");
+  for (const chip of chips) {
+    chip.style.background = chip.style.color = "";
+    chip.title = chip.dataset.title ?? chip.title;
+    delete chip.dataset.surprisal;
+  }
+  legend.hidden = true;
+  const text = state.text;
+  if (!$("#surprisal").checked || !text) return;
+  const result = await busy($("#tokens"), () => api.score([text]), "surprisal", () => state.text === text);
+  if (!result || state.text !== text || !$("#surprisal").checked) return;
+  const surprisal = result.results[0].token_logprobs.map((lp) => (lp === null ? null : -lp));
+  const max = Math.max(...surprisal.filter((s) => s !== null), 1e-9);
+  chips.forEach((chip, i) => {
+    if (surprisal[i] === null) return;  // the first token has no prefix to be surprised by
+    const colour = oranges(surprisal[i] / max);
+    chip.style.background = rgb(colour);
+    chip.style.color = inkOn(colour);
+    chip.dataset.surprisal = surprisal[i];
+    chip.title = `${chip.dataset.title} · surprisal ${surprisal[i].toFixed(3)} nats`;
+  });
+  const ramp = `linear-gradient(to right, ${[0, 0.25, 0.5, 0.75, 1].map((t) => rgb(oranges(t))).join(", ")})`;
+  legend.replaceChildren("surprisal 0", Object.assign(document.createElement("span"), { className: "ramp" }),
+                         `${max.toFixed(2)} nats`);
+  legend.title = "surprisal = -log P(token | the tokens before it), from POST /score";
+  legend.querySelector(".ramp").style.background = ramp;
+  legend.hidden = false;
 }
 
 let analyzing = 0;
@@ -137,9 +217,11 @@ async function analyze() {
   state.tokens = result ? result.tokens : [];
   // Same default as /trace: every token but BOS.
   state.traced = new Set(state.tokens.length > 1 ? state.tokens.slice(1).map((t) => t.index) : [0]);
-  options($("#lens-pos"), state.tokens.map((t) => [String(t.index), `#${t.index} ${showToken(t.token_str, 20)}`]),
-          String(state.tokens.length - 1));
+  const positions = state.tokens.map((t) => [String(t.index), `#${t.index} ${showToken(t.token_str, 20)}`]);
+  options($("#lens-pos"), positions, String(state.tokens.length - 1));
+  options($("#dla-pos"), positions, String(state.tokens.length - 1));
   renderChips();
+  colourSurprisal();
   for (const view of Object.values(views)) {
     view.dataKey = view.data = view.figure = null;
     view.panel.querySelector(".figure-box").replaceChildren();
@@ -234,6 +316,17 @@ async function start() {
   $("#lens-pos").addEventListener("change", () => show("lens"));
   $("#lens-k").addEventListener("change", () => show("lens"));
   setUpHeads(() => state.text, () => show("heads"));
+  $("#lens-mode").addEventListener("change", () => {
+    document.querySelectorAll("#panel-lens .grid-only").forEach((n) => { n.hidden = !lensGrid(); });
+    document.querySelectorAll("#panel-lens .position-only").forEach((n) => { n.hidden = lensGrid(); });
+    show("lens");
+  });
+  $("#lens-shade").addEventListener("change", () => show("lens"));
+  $("#lens-target").addEventListener("change", () => show("lens"));
+  for (const id of ["#dla-pos", "#dla-answer", "#dla-distractor"]) {
+    $(id).addEventListener("change", () => show("dla"));
+  }
+  $("#surprisal").addEventListener("change", colourSurprisal);
   state.model = await busy($("#model"), api.getModel, "model");
   if (state.model) {
     showModel(state.model);

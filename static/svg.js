@@ -31,12 +31,7 @@ export function showToken(token, max = 14) {
 const BLUES = [[247, 251, 255], [198, 219, 239], [107, 174, 214], [33, 113, 181], [8, 48, 107]];
 
 // Sequential colour for a value in [0, 1], as [r, g, b].
-export function blues(value) {
-  const t = Math.min(Math.max(value, 0), 1) * (BLUES.length - 1);
-  const i = Math.min(Math.floor(t), BLUES.length - 2);
-  const f = t - i;
-  return BLUES[i].map((c, j) => Math.round(c + (BLUES[i + 1][j] - c) * f));
-}
+export const blues = (value) => ramp(BLUES, value);
 
 export const rgb = ([r, g, b]) => `rgb(${r},${g},${b})`;
 
@@ -77,4 +72,40 @@ export function readable(svg, items, cols, describe, readout) {
     const i = current + step;
     if (i >= 0 && i < items.length) pick(i);
   });
+}
+
+const REDS = [[255, 245, 235], [253, 208, 162], [253, 141, 60], [217, 72, 1], [127, 39, 4]];
+
+// Linear interpolation through colour stops for a value in [0, 1].
+function ramp(stops, value) {
+  const t = Math.min(Math.max(value, 0), 1) * (stops.length - 1);
+  const i = Math.min(Math.floor(t), stops.length - 2);
+  const f = t - i;
+  return stops[i].map((c, j) => Math.round(c + (stops[i + 1][j] - c) * f));
+}
+
+// Sequential orange-red for a value in [0, 1] (surprisal: how unexpected a token was).
+export const oranges = (value) => ramp(REDS, value);
+
+// Diverging colour for a value in [-1, 1]: red below 0, white at 0, blue above.
+export function diverging(value) {
+  const v = Math.min(Math.max(value, -1), 1);
+  const end = v < 0 ? [178, 24, 43] : [33, 102, 172];
+  return end.map((c) => Math.round(255 + (c - 255) * Math.abs(v)));
+}
+
+// Dark fills need light text.
+export const inkOn = ([r, g, b]) => (0.299 * r + 0.587 * g + 0.114 * b < 140 ? "#fff" : "#111");
+
+// A horizontal colour bar `width` wide at (x, y) for `colour(t)`, t in [0, 1], labelled at both ends.
+export function colourBar(x, y, width, colour, low, high) {
+  const bar = el("g", { transform: `translate(${x} ${y})`, class: "colour-bar" });
+  const steps = 24;
+  for (let i = 0; i < steps; i++) {
+    bar.append(el("rect", { x: (i * width) / steps, width: width / steps + 0.5, height: 10,
+                            fill: rgb(colour(i / (steps - 1))) }));
+  }
+  bar.append(el("text", { x: -4, y: 9, "text-anchor": "end", "font-size": 10 }, low),
+             el("text", { x: width + 4, y: 9, "font-size": 10 }, high));
+  return bar;
 }

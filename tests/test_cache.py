@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import orjson
-import pytest
 
 from explorer.engine import ByteLRU, ModelWorker
 from explorer.service import PREFETCH_POSITIONS, Explorer

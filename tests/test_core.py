@@ -87,7 +87,8 @@ def test_lens_last_layer_is_model_output_exactly(tiny_model):
     with torch.inference_mode():
         run = forward(tiny_model.bridge, ids)
         logits = tiny_model.bridge(torch.tensor([ids]))[0]
-        probs, _, top_ids = lens_top_k(tiny_model.bridge, run, 4)
+        lens = lens_top_k(tiny_model.bridge, run, 4)
+    probs, top_ids = lens.probs, lens.ids
     expected = logits[4].softmax(-1).topk(probs.shape[1])
     np.testing.assert_allclose(probs[-1], expected.values.numpy(), rtol=1e-5)
     assert top_ids[-1, 0] == int(expected.indices[0])

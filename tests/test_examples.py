@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESPONSES = {"/tokenize": schemas.TokenizeResponse, "/trace": schemas.TraceResponse,
              "/predict": schemas.PredictResponse, "/attention": schemas.AttentionResponse,
              "/model": schemas.ModelInfo, "/ablate": AblateResponse, "/attribution_patch": AttributionPatchResponse}
+RESPONSES.update({path: openapi.POSTS[path][1] for path in ("/lens", "/score", "/dla")})
 JOB_RESULTS = {"/jobs/chg": ChgResult}
 
 

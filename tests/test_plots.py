@@ -205,3 +205,54 @@ def test_attribution_vs_patching_scatter(api_client, tiny_model):
     np.testing.assert_allclose(offsets[:, 0], np.ravel(response["exact_effect"]))
     np.testing.assert_allclose(offsets[:, 1], np.ravel(response["effect"]))
     assert ax.get_title().startswith(f"heads: Pearson r = {response['pearson']:.3f}")
+def test_lens_grid_one_cell_per_layer_and_position(explorer, tiny_model):
+    from model_utils import plot_lens_grid
+
+    response = http_json(explorer.lens(TEXT, [1, 3, 5], None, 2))
+    n_layers = int(tiny_model.cfg.n_layers)
+    for shade, key in (("probability", None), ("entropy", "entropy"), ("kl", "kl_to_final")):
+        fig = plot_lens_grid(response, shade)
+        ax = fig.axes[0]
+        (image,) = ax.images
+        assert image.get_array().shape == (n_layers, 3)
+        want = ([[c[0]["probability"] for c in row] for row in response["top"]] if key is None else response[key])
+        np.testing.assert_allclose(image.get_array(), want)
+        assert len(ax.texts) == n_layers * 3
+        assert ax.texts[(n_layers - 1) * 3 + 2].get_text() == response["top"][-1][2][0]["token"].replace("$", r"\$")
+    with pytest.raises(ValueError, match="shade"):
+        plot_lens_grid(response, "rank")
+
+
+def test_target_trajectory_marks_the_crossover(explorer, tiny_model):
+    from model_utils import plot_target_trajectory
+
+    final = explorer.lens(TEXT, [6], None, 1)["final"][0][0]["token_id"]
+    response = http_json(explorer.lens(TEXT, [2, 6], final, 1))
+    fig = plot_target_trajectory(response)  # the last position asked: 6
+    ax, twin = fig.axes[0], fig.axes[1]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [row[1] for row in response["target"]["probability"]])
+    np.testing.assert_allclose(twin.lines[0].get_ydata(), [row[1] for row in response["target"]["rank"]])
+    assert twin.get_yscale() == "log"
+    crossover = response["target"]["crossover_layer"][1]
+    assert crossover is not None  # the model's own answer is top-1 at the last layer
+    assert ax.lines[1].get_xdata()[0] == crossover and f"layer {crossover}" in ax.lines[1].get_label()
+    with pytest.raises(ValueError, match="target"):
+        plot_target_trajectory(http_json(explorer.lens(TEXT, [6], None, 1)))
+    with pytest.raises(ValueError, match="position 4"):
+        plot_target_trajectory(response, 4)
+
+
+def test_dla_bars_and_head_heatmap(explorer, tiny_model):
+    from model_utils import plot_dla
+
+    response = http_json(explorer.dla(TEXT, " mat", " floor"))
+    fig = plot_dla(response)
+    bars, heat = fig.axes[0], fig.axes[1]
+    n_layers, n_heads = int(tiny_model.cfg.n_layers), int(tiny_model.cfg.n_heads)
+    heights = [patch.get_height() for patch in bars.patches]
+    np.testing.assert_allclose(heights, response["attn"] + response["mlp"])
+    np.testing.assert_allclose(heat.images[0].get_array(), response["heads"])
+    assert heat.images[0].get_array().shape == (n_layers, n_heads)
+    lo, hi = heat.images[0].get_clim()
+    assert lo == -hi  # diverging around 0
+    fig.savefig(io.BytesIO(), format="png")

@@ -226,16 +226,7 @@ def test_loading_indicator(page):
 ])
 def test_exports(page, server, view, path, params):
     panel = open_view(page, view)
-    saved = {}
-    for fmt in ("png", "svg", "json"):
-        with page.expect_download() as download:
-            panel.locator(f'.exports button[data-export="{fmt}"]').click()
-        target = ARTIFACTS / f"export-{view}.{fmt}"
-        ARTIFACTS.mkdir(exist_ok=True)
-        download.value.save_as(target)
-        saved[fmt] = target.read_bytes()
-    assert saved["png"].startswith(b"\x89PNG\r\n\x1a\n")
-    assert b"<svg" in saved["svg"][:200] and saved["svg"].rstrip().endswith(b"</svg>")
+    saved = download_exports(page, panel, f"export-{view}")
     text = page.input_value("#text")
     if view == "lens":
         params["token_index"] = len(api(server, "/tokenize", {"text": text})["tokens"]) - 1
@@ -385,3 +376,142 @@ def test_heads_ioi_example_fills_the_pair(page):
     page.wait_for_function(f"document.querySelector('#token-count').textContent.length > 0 && "
                            f"document.querySelector('#text').value === {json.dumps(IOI_CLEAN)}")
     assert page.input_value("#heads-corrupt") == IOI_CORRUPT and page.input_value("#heads-answer") == " Mary"
+# --- logit lens grid, surprisal chips, attribution --------------------------------------------
+
+def download_exports(page, panel, stem: str) -> dict[str, bytes]:
+    """Click a view's PNG, SVG and JSON downloads; check the image formats; return the bytes."""
+    saved = {}
+    for fmt in ("png", "svg", "json"):
+        with page.expect_download() as download:
+            panel.locator(f'.exports button[data-export="{fmt}"]').click()
+        target = ARTIFACTS / f"{stem}.{fmt}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        download.value.save_as(target)
+        saved[fmt] = target.read_bytes()
+    assert saved["png"].startswith(b"\x89PNG\r\n\x1a\n")
+    assert b"<svg" in saved["svg"][:200] and saved["svg"].rstrip().endswith(b"</svg>")
+    return saved
+
+
+def show_token(token: str, limit: int) -> str:
+    """svg.js's showToken: visible spaces, newlines and tabs, long tokens cut with an ellipsis."""
+    s = token.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥")
+    return s[: limit - 1] + "…" if len(s) > limit else s
+
+
+def redraw(page, panel, action) -> None:
+    """Run `action` (a control change) and wait until the view has drawn a new figure."""
+    old = panel.locator("svg.figure").element_handle()
+    action()
+    page.wait_for_function("old => !old.isConnected", arg=old)
+    panel.locator("svg.figure").wait_for()
+    page.wait_for_function("[...document.querySelectorAll('.panel')].every(p => p.getAttribute('aria-busy') !== 'true')")
+
+
+def test_logit_lens_grid(page, server):
+    analyze(page, TEXT)
+    panel = open_view(page, "lens")
+    redraw(page, panel, lambda: page.select_option("#lens-mode", "grid"))
+    answer = api(server, "/lens", {"text": TEXT, "top_k": 5})
+    n_layers, n_pos = len(answer["top"]), len(answer["positions"])
+    cells = panel.locator(".lens-grid-cell")
+    assert cells.count() == n_layers * n_pos
+    assert page.locator("#lens-k").is_hidden() and page.locator("#lens-shade").is_visible()
+    # last layer on top: the first cell is the last layer at position 0, labelled with its top-1
+    first = answer["top"][-1][0][0]
+    assert cells.first.locator("text").text_content() == show_token(first["token"], 8)
+    tip = hover_text(page, cells.first)
+    assert f"layer {n_layers - 1}, after #0" in tip and f"top id {first['token_id']}" in tip
+    assert all(json.dumps(t["token"], ensure_ascii=False) in tip for t in answer["top"][-1][0])  # top-5 on hover
+    # shading follows the selector: entropy shades differ from probability shades
+    fills = [cells.nth(i).locator("rect").get_attribute("fill") for i in range(n_pos)]
+    redraw(page, panel, lambda: page.select_option("#lens-shade", "entropy"))
+    assert "entropy" in panel.locator("svg.figure").text_content()
+    assert [cells.nth(i).locator("rect").get_attribute("fill") for i in range(n_pos)] != fills
+    redraw(page, panel, lambda: page.select_option("#lens-shade", "kl"))
+    assert "KL(final ‖ layer)" in panel.locator("svg.figure").text_content()
+    screenshot(page, "lens-grid")
+
+    # a target: its probability and rank across layers at the selected position, crossover marked
+    last = len(answer["tokens"]) - 1
+    target = answer["final"][last][0]["token_id"]  # the model's own answer there: it crosses over
+    with_target = api(server, "/lens", {"text": TEXT, "top_k": 5, "target": target})
+    redraw(page, panel, lambda: (page.fill("#lens-target", str(target)), page.press("#lens-target", "Enter")))
+    assert panel.locator("circle.target-rank").count() == n_layers
+    assert panel.locator("circle.target-prob").count() == n_layers
+    crossover = with_target["target"]["crossover_layer"][last]
+    assert panel.locator(".crossover").text_content().startswith(f"crossover: layer {crossover}")
+    ranks = [panel.locator("circle.target-rank").nth(l).locator("title").text_content() for l in range(n_layers)]
+    assert ranks == [f"layer {l}: rank {with_target['target']['rank'][l][last]}" for l in range(n_layers)]
+    screenshot(page, "lens-grid-target")
+    # clicking a column selects that position for the chart, without a new request
+    requests = []
+    page.on("request", lambda r: r.url.endswith("/lens") and requests.append(r))
+    redraw(page, panel, lambda: cells.nth(1).click())
+    assert page.input_value("#lens-pos") == "1" and requests == []
+    expected = with_target["target"]["crossover_layer"][1]
+    assert panel.locator(".crossover").text_content().startswith(
+        "never top-1" if expected is None else f"crossover: layer {expected}")
+
+
+def test_surprisal_chips(page, server):
+    analyze(page, TEXT)
+    page.check("#surprisal")
+    page.locator("#surprisal-legend").wait_for(state="visible")
+    logprobs = api(server, "/score", {"texts": [TEXT]})["results"][0]["token_logprobs"]
+    chips = page.locator("#chips .chip")
+    assert chips.count() == len(logprobs)
+    assert chips.nth(0).get_attribute("data-surprisal") is None  # BOS: nothing to be surprised by
+    for i in range(1, len(logprobs)):
+        assert f"surprisal {-logprobs[i]:.3f} nats" in chips.nth(i).get_attribute("title")
+        assert chips.nth(i).evaluate("c => c.style.background") != ""
+    top = max(-lp for lp in logprobs[1:])
+    assert f"{top:.2f} nats" in page.locator("#surprisal-legend").inner_text()
+    screenshot(page, "surprisal")
+    page.uncheck("#surprisal")
+    assert page.locator("#surprisal-legend").is_hidden()
+    assert chips.nth(1).evaluate("c => c.style.background") == ""
+    assert "surprisal" not in chips.nth(1).get_attribute("title")
+
+
+def test_attribution(page, server):
+    analyze(page, TEXT)
+    panel = open_view(page, "dla")
+    n_tokens = len(api(server, "/tokenize", {"text": TEXT})["tokens"])
+    # no answer typed: the model's own top-1 at the last position
+    top1 = api(server, "/predict", {"text": TEXT, "token_index": n_tokens - 1, "top_k": 1})
+    answer = top1["predictions_by_layer"][-1]["top_tokens"][0]["token_id"]
+    default = api(server, "/dla", {"text": TEXT, "answer": answer})
+    assert json.dumps(default["answer"]["token"], ensure_ascii=False) in panel.locator("svg.figure").text_content()
+    redraw(page, panel, lambda: (page.fill("#dla-answer", " mat"), page.press("#dla-answer", "Enter")))
+    redraw(page, panel, lambda: (page.fill("#dla-distractor", " floor"), page.press("#dla-distractor", "Enter")))
+    data = api(server, "/dla", {"text": TEXT, "answer": " mat", "distractor": " floor"})
+    n_layers, n_heads = len(data["attn"]), len(data["heads"][0])
+    assert panel.locator(".dla-bar").count() == 2 * n_layers + 3  # embed, attn and mlp per layer, bias, total
+    assert panel.locator(".dla-head").count() == n_layers * n_heads
+    tip = hover_text(page, panel.locator('.dla-head[data-layer="1"][data-head="2"]'))
+    value = data["heads"][1][2]
+    assert tip == f"layer 1, head 2: {'+' if value >= 0 else ''}{value:.4f}"
+    tip = hover_text(page, panel.locator('.dla-bar[data-label="total"]'))
+    assert tip.endswith(f"{data['total']:.4f}")
+    assert f"= {data['total']:.4f}" in panel.locator("svg.figure").text_content()
+    screenshot(page, "attribution")
+    # another position refetches
+    redraw(page, panel, lambda: page.select_option("#dla-pos", "3"))
+    assert "after #3" in panel.locator("svg.figure").text_content()
+
+
+@pytest.mark.parametrize("view, path, params, setup", [
+    ("lens", "/lens", {"top_k": 5}, lambda page: page.select_option("#lens-mode", "grid")),
+    ("dla", "/dla", {"answer": " mat", "distractor": " floor"},
+     lambda page: (page.fill("#dla-answer", " mat"), page.fill("#dla-distractor", " floor"),
+                   page.press("#dla-distractor", "Enter"))),
+])
+def test_exports_of_grid_and_attribution(page, server, view, path, params, setup):
+    panel = open_view(page, view)
+    redraw(page, panel, lambda: setup(page))
+    saved = download_exports(page, panel, f"export-{view}-{path.strip('/')}")
+    text = page.input_value("#text")
+    if view == "dla":
+        params["position"] = len(api(server, "/tokenize", {"text": text})["tokens"]) - 1
+    assert json.loads(saved["json"]) == api(server, path, {"text": text, **params})

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import causal, core, heads, jobs
+from . import causal, core, heads, jobs, lens
 
 
 def register(app: Flask) -> None:
-    for module in (core, causal, heads, jobs):
+    for module in (core, causal, heads, jobs, lens):
         app.register_blueprint(module.bp)

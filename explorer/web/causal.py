@@ -7,12 +7,11 @@ from flask import Blueprint, Response
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from .. import openapi, patching, tracing
-from ..schemas import Request
+from ..schemas import Request, TokenRef, TokenSpec
 from .common import parse, run_job
 
 bp = Blueprint("causal", __name__)
 
-TokenSpec = Union[StrictStr, StrictInt]
 Grid = Union[list[list[float]], list[list[list[float]]]]
 
 
@@ -38,11 +37,6 @@ class PatchRequest(TargetRequest):
         "one position (heads_by_position)."))
     direction: Literal["denoise", "noise"] = Field(default="denoise", description=(
         "denoise: run corrupt, patch in clean activations; noise: run clean, patch in corrupt."))
-
-
-class TokenRef(BaseModel):
-    token: str
-    token_id: int
 
 
 class GridResponse(BaseModel):

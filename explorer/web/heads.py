@@ -8,8 +8,8 @@ from flask import Blueprint, Response
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from .. import chg, heads, openapi
-from ..schemas import Request
-from .causal import Grid, GridResponse, PatchRequest, TargetRequest, TokenRef, TokenSpec
+from ..schemas import Request, TokenRef, TokenSpec
+from .causal import Grid, GridResponse, PatchRequest, TargetRequest
 from .common import parse, run_job
 
 bp = Blueprint("heads", __name__)

@@ -1,0 +1,132 @@
+// Logit lens grid (nostalgebraist style): layers x positions from one /lens answer, each cell the
+// layer's top-1 next-token guess, shaded by its probability, the distribution's entropy or its KL
+// to the final layer; with a target, the target's probability and rank across layers at the
+// selected position, its crossover layer marked.
+import { blues, colourBar, el, figure, inkOn, readable, rgb, showToken } from "./svg.js";
+
+const LEFT = 52, TOP = 74, CW = 64, CH = 22, CHART_H = 150;
+
+const percent = (p) => `${p >= 0.1 ? (p * 100).toFixed(1) : Number((p * 100).toPrecision(2))}%`;
+
+export const SHADES = {
+  probability: { label: "top-1 probability", value: (data, l, i) => data.top[l][i][0].probability },
+  entropy: { label: "entropy (nats)", value: (data, l, i) => data.entropy[l][i] },
+  kl: { label: "KL(final ‖ layer) (nats)", value: (data, l, i) => data.kl_to_final[l][i] },
+};
+
+// The target's probability (left axis) and rank (right axis, log scale, 1 on top) by layer at
+// position index `k` of the answer, with the crossover layer marked.
+function targetChart(data, k, x0, y0) {
+  const t = data.target, nLayers = t.rank.length;
+  const width = Math.max(360, Math.min(640, nLayers * 40)), span = Math.max(nLayers - 1, 1);
+  const probs = t.probability.map((row) => row[k]), ranks = t.rank.map((row) => row[k]);
+  const maxLog = Math.max(Math.log10(Math.max(...ranks)), 1);
+  const x = (l) => x0 + (l / span) * width;
+  const yP = (p) => y0 + CHART_H * (1 - p);
+  const yR = (r) => y0 + CHART_H * (Math.log10(r) / maxLog);
+  const position = data.positions[k], crossover = t.crossover_layer[k];
+  const g = el("g", { class: "target-chart" },
+    el("text", { x: x0, y: y0 - 24, "font-weight": 600 },
+       `Target ${JSON.stringify(t.token)} (id ${t.token_id}) after #${position} ` +
+       `${showToken(data.tokens[position], 20)}: probability and rank by layer`),
+    el("rect", { x: x0, y: y0, width, height: CHART_H, fill: "none", stroke: "#ccc" }),
+    el("text", { x: x0 - 6, y: y0 + 4, "text-anchor": "end", "font-size": 10, fill: "#1f77b4" }, "1"),
+    el("text", { x: x0 - 6, y: y0 + CHART_H, "text-anchor": "end", "font-size": 10, fill: "#1f77b4" }, "0"),
+    el("text", { x: x0 - 6, y: y0 + CHART_H / 2, "text-anchor": "end", "font-size": 10, fill: "#1f77b4" }, "p"),
+  );
+  for (let e = 0; e <= Math.ceil(maxLog); e++) {
+    if (e > maxLog) break;
+    g.append(el("text", { x: x0 + width + 6, y: yR(10 ** e) + 4, "font-size": 10, fill: "#d95f02" },
+                e === 0 ? "rank 1" : `${10 ** e}`));
+  }
+  for (let l = 0; l < nLayers; l++) {
+    g.append(el("text", { x: x(l), y: y0 + CHART_H + 14, "text-anchor": "middle", "font-size": 10 }, `L${l}`));
+  }
+  const line = (ys, attrs) => el("polyline", { points: ys.map((v, l) => `${x(l)},${v}`).join(" "),
+                                               fill: "none", "stroke-width": 2, ...attrs });
+  g.append(line(probs.map(yP), { stroke: "#1f77b4" }),
+           line(ranks.map(yR), { stroke: "#d95f02", "stroke-dasharray": "5 3" }));
+  probs.forEach((p, l) => g.append(el("circle", { cx: x(l), cy: yP(p), r: 3.5, fill: "#1f77b4", class: "target-prob" },
+                                      el("title", {}, `layer ${l}: p = ${p}`))));
+  ranks.forEach((r, l) => g.append(el("circle", { cx: x(l), cy: yR(r), r: 3.5, fill: "#d95f02", class: "target-rank" },
+                                      el("title", {}, `layer ${l}: rank ${r}`))));
+  if (crossover === null) {
+    g.append(el("text", { x: x0, y: y0 + CHART_H + 32, fill: "#555", class: "crossover" },
+                "never top-1 through the last layer (no crossover)"));
+  } else {
+    g.append(el("line", { x1: x(crossover), x2: x(crossover), y1: y0, y2: y0 + CHART_H, stroke: "#333",
+                          "stroke-dasharray": "3 3" }),
+             el("text", { x: x0, y: y0 + CHART_H + 32, fill: "#333", class: "crossover" },
+                `crossover: layer ${crossover} (top-1 from there to the last layer)`));
+  }
+  g.append(el("text", { x: x0 + width - 170, y: y0 - 8, "font-size": 10, fill: "#1f77b4" }, "— probability"),
+           el("text", { x: x0 + width - 90, y: y0 - 8, "font-size": 10, fill: "#d95f02" }, "- - rank (log)"));
+  return g;
+}
+
+// `position`: the selected token index (the target chart's position); `select(position)` is
+// called when a cell is clicked.
+export function drawLensGrid(data, readout, { shade, position, select }) {
+  const nLayers = data.top.length, nPos = data.positions.length;
+  const how = SHADES[shade];
+  const values = data.top.map((_, l) => data.positions.map((_, i) => how.value(data, l, i)));
+  const max = shade === "probability" ? 1 : Math.max(...values.flat(), 1e-9);
+  const gridW = nPos * CW, gridH = nLayers * CH;
+  const k = Math.max(data.positions.indexOf(position), 0);
+  const chartY = TOP + gridH + 96;
+  const W = Math.max(LEFT + gridW + 24, 760);
+  const H = data.target ? chartY + CHART_H + 48 : TOP + gridH + 80;
+  const svg = figure(W, H, `Logit lens grid, ${nLayers} layers by ${nPos} positions`);
+  svg.classList.add("wide");
+  svg.append(
+    el("text", { x: 8, y: 20, "font-size": 14, "font-weight": 600 },
+       `Logit lens: each layer's top next-token guess at each position (last layer on top)`),
+    el("text", { x: 8, y: 38, fill: "#555" },
+       `shade = ${how.label}; grey row = the token that actually comes next; click a column to select it`),
+  );
+  const cells = [];
+  for (let r = 0; r < nLayers; r++) {
+    const l = nLayers - 1 - r;
+    svg.append(el("text", { x: 8, y: TOP + r * CH + CH / 2, "dominant-baseline": "middle", "font-weight": 600 }, `L${l}`));
+    data.positions.forEach((p, i) => {
+      const fill = blues(values[l][i] / max);
+      const cell = el("g", { class: "lens-grid-cell", transform: `translate(${LEFT + i * CW} ${TOP + r * CH})`,
+                             "data-layer": l, "data-position": p },
+        el("rect", { width: CW - 1, height: CH - 1, fill: rgb(fill) }),
+        el("text", { x: CW / 2, y: CH / 2, "text-anchor": "middle", "dominant-baseline": "middle",
+                     "font-size": 11, fill: inkOn(fill) }, showToken(data.top[l][i][0].token, 8)));
+      cell.addEventListener("click", () => select(p));
+      svg.append(cell);
+      cells.push({ cell, l, i });
+    });
+  }
+  data.positions.forEach((p, i) => {
+    const x = LEFT + i * CW + CW / 2;
+    const next = data.tokens[p + 1];
+    svg.append(
+      el("text", { x, y: TOP - 8, "text-anchor": "middle", "font-size": 10, fill: "#777", "font-style": "italic" },
+         next === undefined ? "(end)" : showToken(next, 8)),
+      el("text", { x, y: TOP + gridH + 14, "text-anchor": "middle", "font-size": 10 }, `#${p}`),
+      el("text", { x, y: TOP + gridH + 28, "text-anchor": "middle", "font-size": 11 }, showToken(data.tokens[p], 8)));
+  });
+  svg.append(el("rect", { x: LEFT + k * CW - 1, y: TOP - 20, width: CW + 1, height: gridH + 52, fill: "none",
+                          stroke: "#d62728", "stroke-width": 2, class: "selected-column" }),
+             colourBar(LEFT + 20, TOP + gridH + 44, 200, blues, "0",
+                       `${shade === "probability" ? "1" : Number(max.toPrecision(3))} ${how.label}`));
+  if (data.target) svg.append(targetChart(data, k, LEFT + 20, chartY));
+
+  readable(svg, cells.map((c) => c.cell), nPos, (j) => {
+    const { l, i } = cells[j];
+    const p = data.positions[i];
+    const top = data.top[l][i].map((t) => `${JSON.stringify(t.token)} ${percent(t.probability)}`).join(", ");
+    let text = `layer ${l}, after #${p} ${showToken(data.tokens[p], 24)}: ${top}; ` +
+               `entropy ${data.entropy[l][i].toFixed(3)} nats, KL to final ${data.kl_to_final[l][i].toFixed(3)} nats` +
+               ` (top id ${data.top[l][i][0].token_id})`;
+    if (data.target) {
+      text += `; target ${JSON.stringify(data.target.token)}: p = ${data.target.probability[l][i]}, ` +
+              `rank ${data.target.rank[l][i]}`;
+    }
+    return text;
+  }, readout);
+  return svg;
+}
