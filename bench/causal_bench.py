@@ -45,7 +45,7 @@ PAIRS = {
 LIBRARY = {"resid_pre": "get_act_patch_resid_pre", "attn_out": "get_act_patch_attn_out",
            "mlp_out": "get_act_patch_mlp_out", "heads": "get_act_patch_attn_head_out_all_pos"}
 LONG_CLEAN = ("When Mary and John went to the store after a long day at work in the "
-              "part of the city, where the streets are narrow and the shops close early, John gave a "
+              "old part of the city, where the streets are narrow and the shops close early, John gave a "
               "cold drink and a sandwich to his friend, who thanked him and then said that "
               "the next time it would be her turn to pay for")  # 64 tokens with BOS
 
@@ -178,10 +178,10 @@ def main() -> int:
     long = {"clean": LONG_CLEAN, "corrupt": LONG_CLEAN.replace("John gave", "Mary gave"), "answer": " Mary",
             "distractor": " John", "site": "resid_pre"}
     seq = len(ex.tokens(LONG_CLEAN)[0])
-    assert seq == 64, seq
+    assert seq == 64, f"LONG_CLEAN is {seq} tokens, not 64"
     ex.cache.clear()
     seconds, _, result = timed(lambda: client.post("/patch", json=long).get_json())
-    lines += ["", f"- {seq}-token `resid_pre` sweep ({12 * seq} cells, {result['cells_computed']} run): "
+    lines += ["", f"- {seq}-token `resid_pre` sweep ({ex.model.cfg.n_layers * seq} cells, {result['cells_computed']} run): "
               f"{seconds:.1f} s."]
     trace = {"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower", "samples": 10}
     for kind in ("resid", "mlp", "attn"):

@@ -263,6 +263,7 @@ def plot_attribution_vs_patching(attribution: Mapping[str, Any], *, ax: Axes | N
     r = attribution["pearson"]
     ax.set_title(title or f"{attribution['site']}: Pearson r = {'n/a' if r is None else f'{r:.3f}'}, "
                           f"max abs error {attribution['max_abs_error']:.3g}")
+    return fig
 LENS_SHADES = {"probability": "top-1 probability", "entropy": "entropy (nats)", "kl": "KL(final || layer) (nats)"}
 
 
