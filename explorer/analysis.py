@@ -14,9 +14,22 @@ import torch
 
 from .engine import Run
 
-ATTENTION_DECIMALS = 4  # patterns are cached as float16 (~3 significant digits) anyway
+ATTENTION_DIGITS = 4  # significant digits: float16 holds ~3.3, so the 4th adds at most 5e-4 relative
 PROBABILITY_DIGITS = 6  # significant digits: lens probabilities span many orders of magnitude
+# Cached float16 patterns hold weight * 2^15: float16's normal range then reaches down to
+# 2^-14 / 2^15 ~ 1.9e-9 (subnormals to 2^-39 ~ 1.8e-12) instead of 6.1e-5 (6e-8), so small
+# weights keep their relative precision; the largest value, 2^15, is far below float16's 65504.
+PATTERN_SCALE = 2.0 ** 15
+# A nonzero weight below even the scaled subnormal range is stored as the smallest subnormal
+# (2^-39 ~ 1.8e-12, 0 only for exact zeros such as masked future positions), never as 0.
+SMALLEST_SUBNORMAL = 2.0 ** -24
 LENS_TOP_K_MAX = 100  # top_k is bounded; each position's lens is computed once at this size
+
+
+def significant(value: float, digits: int) -> float:
+    """`value` rounded to `digits` significant digits: every number the API rounds goes through
+    here, so small values keep their relative precision (no small nonzero value becomes 0)."""
+    return float(f"{value:.{digits}g}")
 
 
 class InvalidRequest(ValueError):
@@ -57,8 +70,8 @@ def forward_batch(bridge: Any, batch: Sequence[Sequence[int]]) -> list[Run]:
     tokens = torch.tensor([list(ids) + [pad] * (seq - len(ids)) for ids in batch], dtype=torch.long,
                           device=cfg.device)
     # Each hook copies into tensors preallocated on the model's device (patterns straight to
-    # float16), so no layer's float32 pattern outlives its block and nothing is stacked
-    # afterwards: at 1024 tokens that is 600 MB less to allocate and copy. On a GPU the run stays
+    # scaled float16, `store_pattern`), so no layer's float32 pattern outlives its block and
+    # nothing is stacked afterwards: at 1024 tokens that is 600 MB less to allocate and copy. On a GPU the run stays
     # there: copying it to the host would cost several forward passes.
     size = len(batch)
     resid = torch.empty(size, n_layers, seq, int(cfg.d_model), dtype=torch.float32, device=cfg.device)
@@ -66,15 +79,15 @@ def forward_batch(bridge: Any, batch: Sequence[Sequence[int]]) -> list[Run]:
     seen: set[str] = set()
     last = resid_hook(n_layers - 1)
 
-    def keep(name: str, out: torch.Tensor):
+    def keep(name: str, out: torch.Tensor, store: Any = torch.Tensor.copy_):
         def hook(tensor: torch.Tensor, hook: Any) -> None:
-            out.copy_(tensor.detach())  # callers outside inference_mode (notebooks) too
+            store(out, tensor.detach())  # detach: callers outside inference_mode (notebooks) too
             seen.add(name)
             if name == last:
                 raise StopForward
         return hook
 
-    hooks = [(pattern_hook(l), keep(pattern_hook(l), patterns[:, l])) for l in range(n_layers)]
+    hooks = [(pattern_hook(l), keep(pattern_hook(l), patterns[:, l], store_pattern)) for l in range(n_layers)]
     hooks += [(resid_hook(l), keep(resid_hook(l), resid[:, l])) for l in range(n_layers)]
     try:
         with bridge.hooks(fwd_hooks=hooks):
@@ -88,6 +101,33 @@ def forward_batch(bridge: Any, batch: Sequence[Sequence[int]]) -> list[Run]:
         return [Run(token_ids=tokens[0].cpu(), resid=resid[0], patterns=patterns[0])]
     return [Run(token_ids=tokens[b, :len(ids)].cpu(), resid=resid[b, :, :len(ids)].clone(),
                 patterns=patterns[b, :, :, :len(ids), :len(ids)].clone()) for b, ids in enumerate(batch)]
+
+
+def store_pattern(out: torch.Tensor, pattern: torch.Tensor) -> None:
+    """Copy attention weights into the float16 cache `out` as weight * PATTERN_SCALE; a nonzero
+    weight that would round to 0 keeps the smallest subnormal instead."""
+    out.copy_(pattern * PATTERN_SCALE)
+    out.masked_fill_((out == 0) & (pattern != 0), SMALLEST_SUBNORMAL)
+
+
+def layer_pattern(bridge: Any, token_ids: Sequence[int], layer: int) -> np.ndarray:
+    """The attention pattern of `layer` as the model computes it, in float32 (the cached run
+    holds it scaled in float16): [n_heads, seq, seq]. One forward pass through blocks 0..layer."""
+    tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=bridge.cfg.device)
+    found: list[torch.Tensor] = []
+
+    def hook(tensor: torch.Tensor, hook: Any) -> None:
+        found.append(tensor.detach()[0].float().cpu())
+        raise StopForward
+
+    try:
+        with bridge.hooks(fwd_hooks=[(pattern_hook(layer), hook)]):
+            bridge(tokens)
+    except StopForward:
+        pass
+    if not found:
+        raise RuntimeError(f"forward pass did not reach {pattern_hook(layer)}")
+    return found[0].numpy()
 
 
 def check_index(name: str, value: int, size: int) -> None:
@@ -211,13 +251,24 @@ def trace(pca: tuple[np.ndarray, np.ndarray], token_indices: Sequence[int]) -> d
     }
 
 
-def attention(run: Run, layer: int, head: int | None) -> np.ndarray:
-    """Attention pattern(s) of `layer`: [seq, seq] for one head, else [n_heads, seq, seq].
+@functools.cache
+def _pattern_values() -> np.ndarray:
+    """Every float16 bit pattern (as uint16) -> the weight it stores (/ PATTERN_SCALE) rounded to
+    ATTENTION_DIGITS: [65536] float64. A table lookup instead of formatting millions of floats
+    keeps a 1024-token layer's serialization fast."""
+    with np.errstate(invalid="ignore"):  # the NaN bit patterns (never stored) stay NaN
+        stored = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64) / PATTERN_SCALE
+    return np.array([significant(v, ATTENTION_DIGITS) for v in stored])
 
-    Rounded to ATTENTION_DECIMALS; `layer` and `head` must be in range (`check_index`).
+
+def attention(run: Run, layer: int, head: int | None) -> np.ndarray:
+    """Attention pattern(s) of `layer`: [seq, seq] for one head, else [n_heads, seq, seq] float64.
+
+    Rounded to ATTENTION_DIGITS significant digits of the cached float16 value; `layer` and
+    `head` must be in range (`check_index`).
     """
     pattern = run.patterns[layer] if head is None else run.patterns[layer, head]
-    return np.round(pattern.cpu().float().numpy(), ATTENTION_DECIMALS)
+    return _pattern_values()[pattern.cpu().view(torch.int16).numpy().view(np.uint16)]
 
 
 class Lens(NamedTuple):
@@ -276,7 +327,7 @@ def predictions(lens: Lens, top_k: int,
             "layer": layer,
             "top_tokens": [
                 {"token": token_strs[int(ids[layer, j])], "token_id": int(ids[layer, j]),
-                 "probability": float(f"{probs[layer, j]:.{PROBABILITY_DIGITS}g}"),
+                 "probability": significant(probs[layer, j], PROBABILITY_DIGITS),
                  "logit": round(float(logits[layer, j]), 4)}
                 for j in range(top_k)
             ],

@@ -41,8 +41,9 @@ class Run:
     """Cached activations of one text.
 
     token_ids: [seq] (BOS first, on the CPU); resid: [n_layers, seq, d_model] float32 (resid_post
-    of each block); patterns: [n_layers, n_heads, seq, seq] float16 (row = query, column = key).
-    resid and patterns live on the model's device.
+    of each block); patterns: [n_layers, n_heads, seq, seq] float16 holding weight * 2^15
+    (`analysis.PATTERN_SCALE`; row = query, column = key). resid and patterns live on the model's
+    device.
     """
 
     token_ids: torch.Tensor

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import analysis
-from .analysis import PROBABILITY_DIGITS, InvalidRequest, Lens, StopForward, check_index
+from .analysis import PROBABILITY_DIGITS, InvalidRequest, Lens, StopForward, check_index, significant
 from .engine import Overloaded, Run
 from .targets import Target, TokenSpec, token_id
 
@@ -264,10 +264,6 @@ def on_worker(ex: Explorer, fn: Callable[[], T]) -> T:
         raise Overloaded(f"the model did not answer within {ex.cache.wait_seconds:.0f} s; retry later", 5) from None
 
 
-def _probability(p: float) -> float:
-    return float(f"{p:.{PROBABILITY_DIGITS}g}")
-
-
 def check_lens_positions(positions: Sequence[int] | None, seq: int) -> list[int]:
     """Validated /lens positions; default every position. 400 past LENS_MAX_POSITIONS."""
     positions = analysis.check_positions("positions", list(range(seq)) if positions is None else positions, seq)
@@ -310,7 +306,7 @@ def lens(ex: Explorer, text: str, positions: Sequence[int] | None, target: Token
 
     def top(lens: Lens, layer: int) -> list[dict[str, Any]]:
         return [{"token": vocab[int(lens.ids[layer, j])], "token_id": int(lens.ids[layer, j]),
-                 "probability": _probability(lens.probs[layer, j])} for j in range(top_k)]
+                 "probability": significant(lens.probs[layer, j], PROBABILITY_DIGITS)} for j in range(top_k)]
 
     layers = range(int(ex.model.cfg.n_layers))
     out: dict[str, Any] = {
@@ -325,7 +321,7 @@ def lens(ex: Explorer, text: str, positions: Sequence[int] | None, target: Token
     if target_id is not None:
         out["target"] = {
             "token": vocab[target_id], "token_id": target_id,
-            "probability": [[_probability(t.probability[l]) for t in targets] for l in layers],
+            "probability": [[significant(t.probability[l], PROBABILITY_DIGITS) for t in targets] for l in layers],
             "rank": [[int(t.rank[l]) for t in targets] for l in layers],
             "crossover_layer": [crossover_layer(t.rank) for t in targets],
         }
@@ -400,10 +396,10 @@ def score(ex: Explorer, texts: Sequence[str], temperature: float, top_k: int) ->
             "tokens": list(strs),
             "token_ids": list(ids),
             "token_logprobs": [None, *logprobs],
-            "perplexity": (_probability(float(np.exp(-np.mean(s.token_logprobs, dtype=np.float64))))
+            "perplexity": (significant(float(np.exp(-np.mean(s.token_logprobs, dtype=np.float64))), PROBABILITY_DIGITS)
                            if logprobs else None),
             "final": [{"token": vocab[i], "token_id": i, "logit": round(float(logits[i]), 4),
-                       "logprob": round(lp, DECIMALS), "probability": _probability(math.exp(lp))}
+                       "logprob": round(lp, DECIMALS), "probability": significant(math.exp(lp), PROBABILITY_DIGITS)}
                       for lp, i in zip(top.values.tolist(), top.indices.tolist())],
         })
     return {"temperature": temperature, "results": results}

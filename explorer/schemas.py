@@ -44,6 +44,10 @@ class AttentionRequest(TextRequest):
     layer: StrictInt = Field(description="Layer, 0 .. n_layers-1.")
     head: Optional[StrictInt] = Field(
         default=None, description="Head, 0 .. n_heads-1; omitted or null: every head of the layer.")
+    precision: Literal["compact", "full"] = Field(default="compact", description=(
+        '"compact" (default): each weight to 4 significant digits of the cached float16 value '
+        '(relative error below 1e-3; a nonzero weight is never 0). "full": the float32 weights '
+        "the model computes, recomputed for this layer (one forward pass up to the layer)."))
 
 
 class PredictRequest(TextRequest):
@@ -85,7 +89,7 @@ class TraceResponse(BaseModel):
 class AttentionResponse(BaseModel):
     attention_matrix: Union[list[list[float]], list[list[list[float]]]] = Field(description=(
         "[T][T] for one head (row i: how token i attends to each token j), or [n_heads][T][T] "
-        "when head is omitted or null. Rounded to 4 decimals."))
+        "when head is omitted or null. precision \"compact\": 4 significant digits; \"full\": float32."))
     layer: int
     head: Optional[int]
     n_heads: int
@@ -118,7 +122,8 @@ class ModelInfo(BaseModel):
     d_model: int
     d_vocab: int
     n_ctx: int
-    weights: str = Field(description='"pretrained" or "random"')
+    weights: str = Field(description='"pretrained" (a hub model), "local" (a save_pretrained directory) or "random"')
+    path: Optional[str] = Field(default=None, description='The directory the weights were read from (only with "local").')
     device: str
     dtype: str
     bos_token_id: Optional[int]

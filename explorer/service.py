@@ -131,14 +131,22 @@ class Explorer:
         result = analysis.trace(pca, indices)
         return {"tokens": [{"index": i, "token_str": strs[i]} for i in indices], **result}
 
-    def attention(self, text: str, layer: int, head: int | None) -> dict[str, Any]:
-        _, strs = self.tokens(text)
+    def attention(self, text: str, layer: int, head: int | None, precision: str = "compact") -> dict[str, Any]:
+        ids, strs = self.tokens(text)
         cfg = self.model.cfg
         analysis.check_index("layer", layer, int(cfg.n_layers))
         if head is not None:
             analysis.check_index("head", head, int(cfg.n_heads))
+        analysis.check_choice("precision", precision, ("compact", "full"))
+        if precision == "full":
+            bridge = self.model.bridge
+            pattern = self.cache.get_or_compute(("pattern32", text, layer),
+                                                lambda: analysis.layer_pattern(bridge, ids, layer))
+            matrix = pattern if head is None else pattern[head]
+        else:
+            matrix = analysis.attention(self.run(text), layer, head)
         return {
-            "attention_matrix": analysis.attention(self.run(text), layer, head),
+            "attention_matrix": matrix,
             "layer": layer,
             "head": head,
             "n_heads": int(cfg.n_heads),

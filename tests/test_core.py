@@ -45,7 +45,7 @@ def test_attention_matches_hf_every_layer_and_head(client, hf_model, tiny_model,
         full = np.array(body["attention_matrix"])
         assert full.shape == (n_heads, ref.shape[-1], ref.shape[-1])
         assert (body["n_heads"], body["n_layers"]) == (n_heads, n_layers)
-        np.testing.assert_allclose(full, ref[layer].numpy(), atol=1e-3)  # float16 cache, 4 decimals
+        np.testing.assert_allclose(full, ref[layer].numpy(), atol=1e-3)  # float16 cache, 4 significant digits
         np.testing.assert_allclose(full.sum(-1), 1.0, atol=2e-3)
         assert np.all(np.triu(full, k=1) == 0)  # causal
         for head in range(n_heads):

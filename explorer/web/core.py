@@ -10,10 +10,14 @@ from .common import json_response, models, parse
 bp = Blueprint("core", __name__)
 
 
-def check_size(elements: int) -> None:
-    """Refuse before building a response over MAX_RESPONSE_BYTES."""
-    # 7 bytes bound one rounded float and its comma ("0.1234,")
-    estimate = elements * 7
+# Bytes that bound one serialized weight and its comma: "1.234e-10," (4 significant digits),
+# "1.2345678e-10," (float32's shortest repr); exact zeros (masked positions) are "0.0,".
+VALUE_BYTES = {"compact": 10, "full": 15}
+ZERO_BYTES = 4
+
+
+def check_size(estimate: int) -> None:
+    """Refuse before building a response of about `estimate` bytes over MAX_RESPONSE_BYTES."""
     limit = current_app.config["MAX_RESPONSE_BYTES"]
     if estimate > limit:
         raise InvalidRequest(
@@ -64,8 +68,11 @@ def trace() -> Response:
 def attention() -> Response:
     req, ex = parse(schemas.AttentionRequest)
     seq = len(ex.tokens(req.text)[0])
-    check_size(seq * seq * (1 if req.head is not None else int(ex.model.cfg.n_heads)))
-    return json_response(ex.attention(req.text, req.layer, req.head))
+    heads = 1 if req.head is not None else int(ex.model.cfg.n_heads)
+    nonzero = seq * (seq + 1) // 2 if ex.model.causal else seq * seq  # a causal row sees no later key
+    per_head = nonzero * VALUE_BYTES[req.precision] + (seq * seq - nonzero) * ZERO_BYTES
+    check_size(heads * per_head)
+    return json_response(ex.attention(req.text, req.layer, req.head, req.precision))
 
 
 @bp.post("/predict")
