@@ -16,7 +16,7 @@ from explorer import openapi, web
 from explorer.analysis import InvalidRequest
 from explorer.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, Overloaded, tune_allocator
 from explorer.jobs import JobManager
-from explorer.loading import LoadedModel, ModelLoadError, load_model, resolve_device
+from explorer.loading import LoadedModel, ModelLoadError, load_model, resolve_device, route_library_logs
 from explorer.service import Explorer, Models
 from explorer.web.common import UnsupportedType, error
 
@@ -155,8 +155,8 @@ def is_loopback(host: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("transformers", "transformer_lens", "huggingface_hub", "waitress.queue"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    route_library_logs()
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     if tune_allocator():
         log.info("glibc allocator set to keep freed memory for reuse (faster forward passes)")
     loopback = is_loopback(args.host)
@@ -171,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {exc}\n", file=sys.stderr)
         return 1
     cfg = model.cfg
+    weights = {"random": "RANDOM weights: predictions are meaningless", "pretrained": "pretrained weights",
+               "local": f"weights from {model.path}"}[model.weights]
     log.info("Loaded %s (%s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
-             "vocab %d, n_ctx %d", model.name,
-             "RANDOM weights: predictions are meaningless" if model.weights == "random" else "pretrained weights",
-             model.device, model.dtype, model.load_seconds, cfg.n_layers, cfg.n_heads, cfg.d_model,
+             "vocab %d, n_ctx %d", model.name, weights, model.device, model.dtype, model.load_seconds, cfg.n_layers, cfg.n_heads, cfg.d_model,
              cfg.d_vocab, cfg.n_ctx)
     config: dict[str, Any] = {"CACHE_BYTES": args.cache_mb << 20, "CHECK_HOST": loopback}
     if args.cors_origins:

@@ -105,9 +105,15 @@ def forward_batch(bridge: Any, batch: Sequence[Sequence[int]]) -> list[Run]:
 
 def store_pattern(out: torch.Tensor, pattern: torch.Tensor) -> None:
     """Copy attention weights into the float16 cache `out` as weight * PATTERN_SCALE; a nonzero
-    weight that would round to 0 keeps the smallest subnormal instead."""
-    out.copy_(pattern * PATTERN_SCALE)
-    out.masked_fill_((out == 0) & (pattern != 0), SMALLEST_SUBNORMAL)
+    weight that would round to 0 keeps the smallest subnormal instead.
+
+    Plain float32 arithmetic, no masks: `scaled * 2^110` lifts every positive float32 (down to
+    2^-134) to at least SMALLEST_SUBNORMAL and leaves 0 at 0, so its clamp is the floor each
+    weight needs. Boolean masks over float16 ran ~5x slower on a CPU.
+    """
+    scaled = pattern.float() * PATTERN_SCALE
+    floor = (scaled * 2.0 ** 110).clamp_max_(SMALLEST_SUBNORMAL)
+    out.copy_(torch.maximum(scaled, floor, out=floor))
 
 
 def layer_pattern(bridge: Any, token_ids: Sequence[int], layer: int) -> np.ndarray:

@@ -1,12 +1,16 @@
 """Loading a model through TransformerLens 4 (`TransformerBridge`), online or fully offline."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -14,6 +18,12 @@ log = logging.getLogger("explorer")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RANDOM_SEED = 0
+HUB_PROBE_SECONDS = 2.0  # without a cached copy, an unreachable hub fails the start this fast
+# A model counts as cached when its config and weights are (as `huggingface-cli download` leaves them).
+CACHED_CONFIG = "config.json"
+CACHED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
+LIBRARY_LOGGERS = ("transformers", "transformer_lens", "huggingface_hub")
 
 
 class ModelLoadError(RuntimeError):
@@ -26,10 +36,11 @@ class LoadedModel:
 
     bridge: Any
     name: str
-    weights: str  # "pretrained" or "random"
+    weights: str  # "pretrained" (hub), "local" (a save_pretrained directory) or "random"
     device: str
     dtype: str
     load_seconds: float
+    path: str | None = None  # the directory of "local" weights
 
     @property
     def tokenizer(self) -> Any:
@@ -57,6 +68,7 @@ class LoadedModel:
             "device": self.device,
             "dtype": self.dtype,
             "bos_token_id": self.tokenizer.bos_token_id,
+            "path": self.path,
         }
 
 
@@ -98,6 +110,94 @@ def random_gpt2(directory: str, seed: int = RANDOM_SEED, **config: Any) -> Any:
     return model
 
 
+def route_library_logs(level: int = logging.ERROR) -> None:
+    """Send the libraries' log records through the root logger's handler only, at `level` and up.
+
+    huggingface_hub and transformers attach their own stderr handler when first imported; next
+    to ours on the root logger, every hub warning was printed twice. Import them first so their
+    set-up has run, then drop those handlers.
+    """
+    import huggingface_hub  # noqa: F401
+    import transformers  # noqa: F401
+
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = True
+
+
+def hub_cached(name: str) -> bool:
+    """Whether the hub model `name` has its config and weights in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        found = try_to_load_from_cache(name, filename)
+        return isinstance(found, str) and os.path.exists(found)
+
+    try:
+        return cached(CACHED_CONFIG) and any(cached(f) for f in CACHED_WEIGHTS)
+    except ValueError:  # not a valid repo id: the hub would refuse it too
+        return False
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the hub (HF_ENDPOINT, default https://huggingface.co) cannot be reached within
+    `timeout` seconds, or None if it answers (any HTTP status counts as an answer). The probe
+    runs in a thread so a hanging DNS lookup is bounded too."""
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            outcome.append(f"{type(reason).__name__}: {reason}")
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"the Hugging Face hub at {endpoint} did not answer within {timeout:.0f} s"
+    return outcome[0] and f"the Hugging Face hub at {endpoint} is unreachable: {outcome[0]}"
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face libraries make no network call inside (as with HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True  # what `is_offline_mode()` reads, in the hub client and transformers
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[1]
+
+
+def load_error(name: str, cause: str) -> ModelLoadError:
+    """The one paragraph a user reads when the model cannot be loaded."""
+    return ModelLoadError(
+        f"Could not load the model {name!r} ({cause}). "
+        "If you are offline or the Hugging Face hub is unreachable, point --model at a "
+        "local directory written by save_pretrained (e.g. --model ./my-gpt2), or start with "
+        "--random-weights for a GPT-2-small-shaped model with random weights and the real "
+        "GPT-2 tokenizer, which needs no download. A name must be a Hugging Face model id "
+        "(e.g. gpt2, gpt2-medium) supported by TransformerLens.")
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,8 +215,6 @@ def load_model(
 
     Raises `ModelLoadError` with an explanation a user can act on.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     device = resolve_device(device)
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
@@ -126,6 +224,21 @@ def load_model(
         raise ModelLoadError(
             f"--model {name} is not a directory. Give a directory written by save_pretrained, a "
             "Hugging Face model id (e.g. gpt2), or --random-weights to run with no download.")
+    local = not random_weights and os.path.isdir(os.path.expanduser(name))
+    path = os.path.abspath(os.path.expanduser(name)) if local else None
+    offline: Any = contextlib.nullcontext()
+    if not random_weights and path is None:
+        from huggingface_hub import constants
+
+        if hub_cached(name):
+            log.info("%s is in the local Hugging Face cache: loading it offline, without the network", name)
+            offline = hub_offline()
+        elif not constants.HF_HUB_OFFLINE:
+            unreachable = hub_unreachable()
+            if unreachable:
+                raise load_error(name, f"it is not in the local Hugging Face cache, and {unreachable}")
+    from transformer_lens.model_bridge import TransformerBridge  # seconds to import: after the checks
+
     start = time.perf_counter()
     try:
         if random_weights:
@@ -137,27 +250,21 @@ def load_model(
                 )
             label = f"gpt2-random-seed{RANDOM_SEED}"
         else:
-            bridge = TransformerBridge.boot_transformers(
-                os.path.expanduser(name), device=device, dtype=DTYPES[dtype])
+            with offline:
+                bridge = TransformerBridge.boot_transformers(path or name, device=device, dtype=DTYPES[dtype])
             label = name
     except Exception as exc:  # anything from the hub, the filesystem or the architecture check
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"Could not load the model {name!r} ({type(exc).__name__}: {first}). "
-            "If you are offline or the Hugging Face hub is unreachable, point --model at a "
-            "local directory written by save_pretrained (e.g. --model ./my-gpt2), or start with "
-            "--random-weights for a GPT-2-small-shaped model with random weights and the real "
-            "GPT-2 tokenizer, which needs no download. A name must be a Hugging Face model id "
-            "(e.g. gpt2, gpt2-medium) supported by TransformerLens."
-        ) from exc
+        raise load_error(name, f"{type(exc).__name__}: {first}") from exc
     bridge.eval()
     if bridge.tokenizer is None:
         raise ModelLoadError(f"The model {name!r} has no tokenizer; the API needs one.")
     return LoadedModel(
         bridge=bridge,
         name=label,
-        weights="random" if random_weights else "pretrained",
+        weights="random" if random_weights else "local" if path is not None else "pretrained",
         device=device,
         dtype=dtype,
         load_seconds=time.perf_counter() - start,
+        path=path,
     )

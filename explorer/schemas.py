@@ -123,7 +123,7 @@ class ModelInfo(BaseModel):
     d_vocab: int
     n_ctx: int
     weights: str = Field(description='"pretrained" (a hub model), "local" (a save_pretrained directory) or "random"')
-    path: Optional[str] = Field(default=None, description='The directory the weights were read from (only with "local").')
+    path: Optional[str] = Field(description='The directory the weights were read from with "local"; null otherwise.')
     device: str
     dtype: str
     bos_token_id: Optional[int]

@@ -284,13 +284,17 @@ function setUpPanels() {
   }
 }
 
+// The header chip of each `weights` state of GET /model; "local" shows its directory on hover.
+const WEIGHT_CHIPS = { random: "RANDOM WEIGHTS", pretrained: "pretrained weights", local: "local weights" };
+
 function showModel(info) {
   const random = info.weights === "random";
+  const kind = info.weights in WEIGHT_CHIPS ? info.weights : "pretrained";
   $("#model").replaceChildren(
     make("strong", { textContent: info.name }),
     ` · ${info.n_layers} layers · ${info.n_heads} heads · d_model ${info.d_model} · ${info.device} ${info.dtype} `,
-    make("span", { className: `weights ${random ? "random" : "pretrained"}`,
-                   textContent: random ? "RANDOM WEIGHTS" : "pretrained weights" }),
+    make("span", { className: `weights ${kind}`, textContent: WEIGHT_CHIPS[kind],
+                   title: info.path ? `loaded from ${info.path}` : "" }),
   );
   $("#random-warning").hidden = !random;
   const range = (n, label) => Array.from({ length: n }, (_, i) => [String(i), `${label}${i}`]);

@@ -16,7 +16,7 @@ def test_model_and_health(client, tiny_model):
     assert {k: body[k] for k in ("n_layers", "n_heads", "d_model", "d_vocab", "n_ctx")} == {
         "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model,
         "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx}
-    assert body["weights"] in {"pretrained", "random"} and body["device"] == "cpu"
+    assert body["weights"] == "local" and body["device"] == "cpu"  # a save_pretrained directory
     assert body["dtype"] == "float32" and isinstance(body["name"], str)
     health = client.get("/health")
     assert health.status_code == 200 and health.get_json()["status"] == "ok"

@@ -91,7 +91,7 @@ def test_long_text_compact_and_full(long_setup):
 
 
 def test_store_pattern_keeps_tiny_weights_nonzero():
-    weights = torch.tensor([0.0, 1e-30, 1e-13, 1e-10, 3e-8, 1e-5, 0.5, 1.0])
+    weights = torch.tensor([0.0, 1e-45, 1e-30, 1e-13, 1e-10, 3e-8, 1e-5, 0.5, 1.0])
     out = torch.empty(weights.shape, dtype=torch.float16)
     analysis.store_pattern(out, weights)
     run = analysis.Run(token_ids=torch.zeros(1), resid=torch.zeros(1, 1, 1), patterns=out.view(1, 1, 1, -1))

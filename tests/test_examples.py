@@ -26,7 +26,7 @@ def test_example_matches_contract_and_records_its_model(client, name, path, body
     data = json.loads((ROOT / "examples" / name).read_text())
     meta = data.pop("_example")
     assert meta["request"] == {"method": "GET" if body is None else "POST", "path": path, "body": body}
-    assert meta["weights"] in {"random", "pretrained"} and meta["model"]
+    assert meta["weights"] in {"random", "pretrained", "local"} and meta["model"]
     RESPONSES[path].model_validate(data)
     # the same request to today's server yields the same keys (a tiny model, so values differ)
     live = client.post(path, json=body) if body is not None else client.get(path)

@@ -115,10 +115,11 @@ def test_model_and_token_chips(page, server):
     info = server[1].get("/model").get_json()
     header = page.locator("#model").inner_text()
     assert info["name"] in header and f"{info['n_layers']} layers" in header
-    # The tiny model is a saved checkpoint, so no random-weights warning.
+    # The tiny model is a save_pretrained directory: "local", its path on hover, no random warning.
     assert page.locator("#random-warning").is_hidden()
-    assert page.locator(".weights").inner_text() == ("RANDOM WEIGHTS" if info["weights"] == "random"
-                                                     else "pretrained weights")
+    assert info["weights"] == "local"
+    assert page.locator(".weights.local").inner_text() == "local weights"
+    assert info["path"] in page.locator(".weights.local").get_attribute("title")
 
     analyze(page, TEXT)
     tokens = api(server, "/tokenize", {"text": TEXT})["tokens"]
@@ -136,6 +137,15 @@ def test_random_weights_are_flagged(page, server):
     page.reload()
     page.locator("#random-warning").wait_for(state="visible")
     assert page.locator(".weights.random").inner_text() == "RANDOM WEIGHTS"
+
+
+def test_hub_weights_chip(page, server):
+    info = {**server[1].get("/model").get_json(), "weights": "pretrained", "path": None}
+    page.route("**/model", lambda route: route.fulfill(json=info))
+    page.reload()
+    page.locator(".weights.pretrained").wait_for()
+    assert page.locator(".weights.pretrained").inner_text() == "pretrained weights"
+    assert page.locator("#random-warning").is_hidden()
 
 
 def test_trajectories(page, server):
