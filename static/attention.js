@@ -97,8 +97,9 @@ export function drawAttention(data, head, readout, selectHead) {
 
   readable(svg, cells, n, (i) => {
     const q = Math.floor(i / n), k = i % n;
+    // the API's value as sent (4 significant digits): small weights stay readable, never 0.0000
     return `query #${q} ${showToken(tokens[q], 30)} → key #${k} ${showToken(tokens[k], 30)}: ` +
-           matrix[q][k].toFixed(4);
+           String(matrix[q][k]);
   }, readout);
   return svg;
 }
