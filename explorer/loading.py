@@ -147,6 +147,23 @@ def random_gpt2(directory: str, seed: int = RANDOM_SEED, **config: Any) -> Any:
     return model
 
 
+def needs_token(exc: BaseException) -> bool:
+    """Whether a load failed because the hub wants credentials: a gated or private repository
+    (HTTP 401/403), anywhere in the exception's chain (transformers wraps the hub's errors)."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, GatedRepoError) or "gated repo" in str(e).lower():
+            return True
+        if isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", None) in (401, 403):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -191,6 +208,15 @@ def load_model(
             label = name
     except Exception as exc:  # anything from the hub, the filesystem or the architecture check
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if needs_token(exc):
+            raise ModelLoadError(
+                f"Could not load the model {name!r}: the Hugging Face hub refused access ({first}). "
+                "It is gated or private (meta-llama/* and google/gemma-* are gated): accept its "
+                f"license on https://huggingface.co/{name} with your account, then give the server "
+                "a token, either with `huggingface-cli login` (or `hf auth login`) once, or by "
+                "exporting HF_TOKEN=hf_... in the shell that starts it. Or point --model at a "
+                "local directory written by save_pretrained."
+            ) from exc
         raise ModelLoadError(
             f"Could not load the model {name!r} ({type(exc).__name__}: {first}). "
             "If you are offline or the Hugging Face hub is unreachable, point --model at a "

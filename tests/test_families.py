@@ -380,3 +380,43 @@ def test_encoder_refuses_next_token_endpoints(fam, path, body):
     message = r.get_json()["error"]
     assert f"model {fam.model.name!r} is an encoder (bert" in message
     assert f"POST {path} needs a causal (next-token) model" in message
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+def _http_error(status: int) -> Exception:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    url = "https://huggingface.co/meta-llama/Llama-3.2-1B/resolve/main/config.json"
+    response = httpx2.Response(status, request=httpx2.Request("GET", url))
+    try:
+        raise HfHubHTTPError(f"{status} Client Error", response=response)
+    except HfHubHTTPError as exc:
+        try:  # as transformers wraps it
+            raise OSError("We couldn't connect to the hub to load this model") from exc
+        except OSError as wrapped:
+            return wrapped
+
+
+@pytest.mark.parametrize("make_error,gated", [
+    (lambda: OSError("You are trying to access a gated repo.\nMake sure to have access to it at ..."), True),
+    (lambda: _http_error(401), True),
+    (lambda: _http_error(403), True),
+    (lambda: _http_error(404), False),
+    (lambda: OSError("meta-llama/Llama-3.2-1B does not appear to have a file named config.json"), False),
+])
+def test_gated_or_private_model_load_error_explains_hf_token(monkeypatch, make_error, gated):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from explorer.loading import ModelLoadError
+
+    def refuse(*args, **kwargs):
+        raise make_error()
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", refuse)
+    with pytest.raises(ModelLoadError) as info:
+        load_model("meta-llama/Llama-3.2-1B", device="cpu")
+    message = str(info.value)
+    assert ("HF_TOKEN" in message and "huggingface-cli login" in message) is gated
+    assert "'meta-llama/Llama-3.2-1B'" in message
