@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {exc}\n", file=sys.stderr)
         return 1
     cfg = model.cfg
-    log.info("Loaded %s (%s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
-             "vocab %d, n_ctx %d", model.name,
+    log.info("Loaded %s (%s, %s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
+             "vocab %d, n_ctx %d", model.name, model.family,
              "RANDOM weights: predictions are meaningless" if model.weights == "random" else "pretrained weights",
              model.device, model.dtype, model.load_seconds, cfg.n_layers, cfg.n_heads, cfg.d_model,
              cfg.d_vocab, cfg.n_ctx)
