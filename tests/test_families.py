@@ -38,6 +38,11 @@ CAUSAL_ONLY = [
 ]
 
 
+CAUSAL = [name for name, f in FAMILIES.items() if f.causal]
+ENCODERS = [name for name, f in FAMILIES.items() if not f.causal]
+causal_families = pytest.mark.parametrize("fam", CAUSAL, indirect=True)
+
+
 @pytest.fixture(scope="session")
 def diffs():
     """family -> endpoint -> the largest |difference| from HF; written at the end of the session."""
@@ -66,11 +71,6 @@ def fam(request, tmp_path_factory, diffs):
 
     return SimpleNamespace(name=name, spec=FAMILIES[name], model=model, hf=hf, client=client, record=record,
                            patcher=HFPatcher(hf))
-
-
-def causal_only(fam) -> None:
-    if not fam.spec.causal:
-        pytest.skip("a next-token endpoint: encoders get a 400 (test_encoder_refuses_next_token_endpoints)")
 
 
 def ids_of(fam, text: str) -> list[int]:
@@ -223,8 +223,8 @@ def test_lens_grid_matches_hf(fam):
                            float((np.abs(top - lens.max(-1).values.numpy()) / top).max())))
 
 
+@causal_families
 def test_score_matches_hf_logprobs(fam):
-    causal_only(fam)
     texts = [TEXT, CLEAN]
     body = ok(fam.client.post("/score", json={"texts": texts, "top_k": 3}))
     worst = 0.0
@@ -240,8 +240,8 @@ def test_score_matches_hf_logprobs(fam):
     fam.record("score", worst)
 
 
+@causal_families
 def test_dla_adds_up_to_hf_logit_difference(fam):
-    causal_only(fam)
     ids = ids_of(fam, CLEAN)
     logits = hf_forward(fam, ids)["logits"][-1]
     with torch.inference_mode():
@@ -261,8 +261,8 @@ def test_dla_adds_up_to_hf_logit_difference(fam):
 
 # --- causal interventions ---------------------------------------------------------------------
 
+@causal_families
 def test_patch_matches_hf_hooks(fam):
-    causal_only(fam)
     clean, corrupt = ids_of(fam, CLEAN), ids_of(fam, CORRUPT)
     target = pair_ids(fam)
     source = fam.patcher.capture(clean, ("resid_pre", "z"))
@@ -277,8 +277,8 @@ def test_patch_matches_hf_hooks(fam):
     fam.record("patch", worst)
 
 
+@causal_families
 def test_causal_trace_clean_and_restored_probabilities(fam):
-    causal_only(fam)
     body = ok(fam.client.post("/causal_trace", json={"text": CLEAN, "subject": "Mary and John", "samples": 2,
                                                      "answer": " Mary"}))
     ids = ids_of(fam, CLEAN)
@@ -294,8 +294,8 @@ def test_causal_trace_clean_and_restored_probabilities(fam):
     fam.record("causal_trace", abs(body["clean_prob"] - want))
 
 
+@causal_families
 def test_ablate_matches_hf_hooks(fam):
-    causal_only(fam)
     ids = ids_of(fam, CLEAN)
     target = pair_ids(fam)
     body = ok(fam.client.post("/ablate", json={"text": CLEAN, "answer": " Mary", "distractor": " John",
@@ -316,8 +316,8 @@ def test_ablate_matches_hf_hooks(fam):
     fam.record("ablate", float(np.abs(np.array(body["effect"]) - want).max()))
 
 
+@causal_families
 def test_attribution_patch_matches_hf_autograd(fam):
-    causal_only(fam)
     clean, corrupt = ids_of(fam, CLEAN), ids_of(fam, CORRUPT)
     target = pair_ids(fam)
     source = fam.patcher.capture(clean, ("resid_pre",))["resid_pre"]
@@ -349,8 +349,8 @@ def metric_tensor(logits: torch.Tensor, ids: dict[str, int]) -> torch.Tensor:
     return logits[ids["answer"]] - logits[ids["distractor"]]
 
 
+@causal_families
 def test_chg_ungated_loss_matches_hf_cross_entropy(fam):
-    causal_only(fam)
     texts, targets = [CLEAN, TEXT], [" Mary", " on"]
     r = fam.client.post("/jobs/chg", json={"texts": texts, "targets": targets, "steps": 1})
     assert r.status_code == 202, r.get_json()
@@ -371,10 +371,9 @@ def test_chg_ungated_loss_matches_hf_cross_entropy(fam):
 
 # --- encoders ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fam", ENCODERS, indirect=True)
 @pytest.mark.parametrize("path,body", CAUSAL_ONLY, ids=[p for p, _ in CAUSAL_ONLY])
 def test_encoder_refuses_next_token_endpoints(fam, path, body):
-    if fam.spec.causal:
-        pytest.skip("causal models serve these (the tests above)")
     r = fam.client.post(path, json=body)
     assert r.status_code == 400
     message = r.get_json()["error"]
