@@ -372,6 +372,19 @@ def test_chg_ungated_loss_matches_hf_cross_entropy(fam):
 # --- encoders ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fam", ENCODERS, indirect=True)
+def test_encoder_predicts_the_masked_token_at_its_position(fam):
+    text = "The cat [MASK] on the mat"
+    tokens = ok(fam.client.post("/tokenize", json={"text": text}))["tokens"]
+    position = next(t["index"] for t in tokens if t["token_str"] == "[MASK]")
+    body = ok(fam.client.post("/predict", json={"text": text, "token_index": position, "top_k": 3}))
+    assert body["objective"] == "masked" and body["token_str"] == "[MASK]"
+    probs = hf_forward(fam, [t["token_id"] for t in tokens])["logits"][position].softmax(-1)
+    last = body["predictions_by_layer"][-1]["top_tokens"]
+    assert [t["token_id"] for t in last] == probs.topk(3).indices.tolist()
+    np.testing.assert_allclose([t["probability"] for t in last], probs.topk(3).values.numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("fam", ENCODERS, indirect=True)
 @pytest.mark.parametrize("path,body", CAUSAL_ONLY, ids=[p for p, _ in CAUSAL_ONLY])
 def test_encoder_refuses_next_token_endpoints(fam, path, body):
     r = fam.client.post(path, json=body)
