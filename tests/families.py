@@ -124,18 +124,22 @@ def hf_model(name: str, directory: str) -> Any:
     return cls.from_pretrained(directory, attn_implementation="eager").eval()
 
 
-def hf_layers(hf: Any) -> Any:
-    """The model's blocks (a ModuleList) in any of the families."""
-    base = hf.base_model
-    for path in ("h", "layers", "encoder.layer"):
-        obj = base
+def _first(obj: Any, paths: tuple[str, ...]) -> Any:
+    """The first of the dotted attribute `paths` that `obj` has."""
+    for path in paths:
+        found = obj
         try:
             for part in path.split("."):
-                obj = getattr(obj, part)
+                found = getattr(found, part)
         except AttributeError:
             continue
-        return obj
-    raise AttributeError(f"no block list in {type(hf).__name__}")
+        return found
+    raise AttributeError(f"{type(obj).__name__} has none of {paths}")
+
+
+def hf_layers(hf: Any) -> Any:
+    """The model's blocks (a ModuleList) in any of the families."""
+    return _first(hf.base_model, ("h", "layers", "encoder.layer"))
 
 
 def hf_readout(hf: Any, hidden: torch.Tensor, softcap: bool = True) -> torch.Tensor:
@@ -143,8 +147,7 @@ def hf_readout(hf: Any, hidden: torch.Tensor, softcap: bool = True) -> torch.Ten
     (Gemma 2's final soft-cap unless `softcap` is False); BERT: its masked-LM head."""
     if hasattr(hf, "cls"):
         return hf.cls(hidden)
-    base = hf.base_model
-    norm = next(getattr(base, n) for n in ("ln_f", "final_layer_norm", "norm") if hasattr(base, n))
+    norm = _first(hf.base_model, ("ln_f", "final_layer_norm", "norm"))
     logits = hf.get_output_embeddings()(norm(hidden))
     cap = getattr(hf.config, "final_logit_softcapping", None)
     if softcap and cap:
@@ -154,12 +157,4 @@ def hf_readout(hf: Any, hidden: torch.Tensor, softcap: bool = True) -> torch.Ten
 
 def hf_o_proj(layer: Any) -> Any:
     """The attention output projection of one block (its input is every head's z, head-major)."""
-    for path in ("attn.c_proj", "attention.dense", "self_attn.o_proj", "attention.output.dense"):
-        obj = layer
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        return obj
-    raise AttributeError(f"no attention output projection in {type(layer).__name__}")
+    return _first(layer, ("attn.c_proj", "attention.dense", "self_attn.o_proj", "attention.output.dense"))
