@@ -157,10 +157,12 @@ def check_positions(name: str, positions: Sequence[int], seq: int) -> list[int]:
     return list(positions)
 
 
-def check_token_indices(token_indices: Sequence[int] | None, seq: int, n_layers: int) -> list[int]:
-    """Validated trace indices; default: every token but BOS (index 0)."""
+def check_token_indices(token_indices: Sequence[int] | None, seq: int, n_layers: int,
+                        text_positions: Sequence[int]) -> list[int]:
+    """Validated trace indices; default: the text's own tokens (`text_positions`: not BOS or
+    another special token the server added), or position 0 when there are none."""
     if token_indices is None:
-        token_indices = list(range(1, seq)) or [0]
+        token_indices = list(text_positions) or [0]
     token_indices = check_positions("token_indices", token_indices, seq)
     if len(token_indices) * n_layers < 2:
         raise InvalidRequest("trace needs at least 2 points (tokens x layers) for a 2D PCA")
@@ -292,9 +294,20 @@ class Lens(NamedTuple):
 def readout(bridge: Any, resid: torch.Tensor) -> torch.Tensor:
     """Logits of residual states [batch, pos, d_model] -> [batch, pos, d_vocab]: the final norm,
     the unembedding and the architecture's own output transform (Gemma's logit soft-capping),
-    so the last layer's readout equals the model's output. The one place every lens, metric and
-    patched run reads logits from."""
+    so the last layer's readout equals the model's output. A masked-LM head (BERT) first applies
+    its dense layer and activation (its `ln_final` is the head's own LayerNorm). The one place
+    every lens, metric and patched run reads logits from."""
+    mlm_head = getattr(bridge, "mlm_head", None)
+    if mlm_head is not None:
+        resid = _activation(bridge.cfg.act_fn)(mlm_head(resid))
     return bridge.adapter.apply_output_logits_transform(bridge.unembed(bridge.ln_final(resid)))
+
+
+@functools.cache
+def _activation(name: str) -> Any:
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
 
 
 def lens_logits(bridge: Any, run: Run, position: int) -> torch.Tensor:

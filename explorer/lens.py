@@ -310,6 +310,7 @@ def lens(ex: Explorer, text: str, positions: Sequence[int] | None, target: Token
 
     layers = range(int(ex.model.cfg.n_layers))
     out: dict[str, Any] = {
+        "objective": ex.objective,
         "tokens": list(strs),
         "positions": positions,
         "top": [[top(lens, l) for lens in lenses] for l in layers],

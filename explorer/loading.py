@@ -24,6 +24,16 @@ CACHED_CONFIG = "config.json"
 CACHED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                   "pytorch_model.bin.index.json")
 LIBRARY_LOGGERS = ("transformers", "transformer_lens", "huggingface_hub")
+# HF architecture class -> the family name `GET /model` reports (the families the tests cover).
+FAMILIES = {
+    "GPT2LMHeadModel": "gpt2",
+    "GPTNeoXForCausalLM": "gpt-neox",
+    "LlamaForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "BertForMaskedLM": "bert",
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -55,19 +65,58 @@ class LoadedModel:
         """Whether the model predicts the next token (a decoder), not a masked token (an encoder)."""
         return getattr(self.cfg, "attention_dir", "causal") != "bidirectional"
 
+    @property
+    def family(self) -> str:
+        """Short name of the architecture family (`FAMILIES`), else the HF architecture class."""
+        arch = str(getattr(self.cfg, "architecture", None) or type(self.bridge.original_model).__name__)
+        return FAMILIES.get(arch, arch)
+
+    @property
+    def n_key_value_heads(self) -> int:
+        """Key/value heads per layer: fewer than `n_heads` with grouped-query attention."""
+        return int(getattr(self.cfg, "n_key_value_heads", None) or self.cfg.n_heads)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The id the server puts before every text (None: index 0 is the text's first token).
+
+        Decided by the architecture, not the tokenizer: the bridge gives every tokenizer a BOS,
+        but Pythia and Qwen were trained without one (`default_prepend_bos` False). An encoder
+        starts with its classifier token (BERT's `[CLS]`) instead."""
+        tok = self.tokenizer
+        if not self.causal:
+            return tok.cls_token_id
+        return tok.bos_token_id if getattr(self.cfg, "default_prepend_bos", True) else None
+
+    @property
+    def prepends_bos(self) -> bool:
+        return self.bos_token_id is not None
+
+    @property
+    def special_ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(ids before, ids after) the text's own tokens: BOS or `[CLS]` first where the model
+        uses one, and an encoder's `[SEP]` last."""
+        before = () if self.bos_token_id is None else (self.bos_token_id,)
+        sep = None if self.causal else self.tokenizer.sep_token_id
+        return before, () if sep is None else (sep,)
+
     def info(self) -> dict[str, Any]:
         cfg = self.cfg
         return {
             "name": self.name,
+            "family": self.family,
+            "causal": self.causal,
             "n_layers": int(cfg.n_layers),
             "n_heads": int(cfg.n_heads),
+            "n_key_value_heads": self.n_key_value_heads,
             "d_model": int(cfg.d_model),
             "d_vocab": int(cfg.d_vocab),
             "n_ctx": int(cfg.n_ctx),
             "weights": self.weights,
             "device": self.device,
             "dtype": self.dtype,
-            "bos_token_id": self.tokenizer.bos_token_id,
+            "prepends_bos": self.prepends_bos,
+            "bos_token_id": self.bos_token_id,
             "path": self.path,
         }
 
@@ -198,6 +247,23 @@ def load_error(name: str, cause: str) -> ModelLoadError:
         "(e.g. gpt2, gpt2-medium) supported by TransformerLens.")
 
 
+def needs_token(exc: BaseException) -> bool:
+    """Whether a load failed because the hub wants credentials: a gated or private repository
+    (HTTP 401/403), anywhere in the exception's chain (transformers wraps the hub's errors)."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, GatedRepoError) or "gated repo" in str(e).lower():
+            return True
+        if isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", None) in (401, 403):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -255,6 +321,15 @@ def load_model(
             label = name
     except Exception as exc:  # anything from the hub, the filesystem or the architecture check
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if needs_token(exc):
+            raise ModelLoadError(
+                f"Could not load the model {name!r}: the Hugging Face hub refused access ({first}). "
+                "It is gated or private (meta-llama/* and google/gemma-* are gated): accept its "
+                f"license on https://huggingface.co/{name} with your account, then give the server "
+                "a token, either with `huggingface-cli login` (or `hf auth login`) once, or by "
+                "exporting HF_TOKEN=hf_... in the shell that starts it. Or point --model at a "
+                "local directory written by save_pretrained."
+            ) from exc
         raise load_error(name, f"{type(exc).__name__}: {first}") from exc
     bridge.eval()
     if bridge.tokenizer is None:

@@ -14,19 +14,22 @@ from . import schemas
 from .analysis import LENS_TOP_K_MAX
 
 POSTS: dict[str, tuple[type[BaseModel], type[BaseModel], str]] = {
-    "/tokenize": (schemas.TextRequest, schemas.TokenizeResponse, "Token ids and strings (index 0 is BOS)."),
+    "/tokenize": (schemas.TextRequest, schemas.TokenizeResponse,
+                  "Token ids and strings (index 0 is BOS where GET /model's prepends_bos is true, else the "
+                  "text's first token)."),
     "/trace": (schemas.TraceRequest, schemas.TraceResponse,
                "Residual-stream trajectories of tokens through every layer, in one shared 2D PCA."),
     "/attention": (schemas.AttentionRequest, schemas.AttentionResponse,
                    "Attention pattern of one head, or of every head of a layer."),
     "/predict": (schemas.PredictRequest, schemas.PredictResponse,
-                 "Logit lens: top-k next-token predictions at every layer for one position."),
+                 "Logit lens: top-k next-token predictions at every layer for one position (an encoder: "
+                 "the masked-LM head's reading of the token at it)."),
 }
 ASYNC: set[str] = set()  # POST paths that answer 202 with a job id when the body has "async": true
 JOB_POSTS: set[str] = set()  # POST paths that always start a job: 202 with its id, never 200
 GETS: dict[str, tuple[type[BaseModel], str]] = {
     "/health": (schemas.Health, "Liveness; answers at once even while the model is busy."),
-    "/model": (schemas.ModelInfo, "The default model's name and sizes."),
+    "/model": (schemas.ModelInfo, "The default model's name, family, sizes and BOS convention."),
     "/models": (schemas.ModelsResponse, "Every loaded model; requests choose one with their `model` field."),
 }
 ERRORS = {

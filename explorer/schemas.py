@@ -32,12 +32,15 @@ class Request(BaseModel):
 
 class TextRequest(Request):
     text: StrictStr = Field(min_length=1, description=(
-        "Input text; BOS is prepended, so token index 0 is BOS. At most n_ctx tokens, BOS included."))
+        "Input text. Where the model uses one (GET /model: prepends_bos), BOS is prepended, so index 0 "
+        "is BOS; otherwise index 0 is the text's first token. BERT: [CLS] text [SEP]. At most n_ctx "
+        "tokens, special tokens included."))
 
 
 class TraceRequest(TextRequest):
     token_indices: Optional[list[StrictInt]] = Field(
-        default=None, description="Token positions to trace (distinct); default: every token but BOS.")
+        default=None, description=("Token positions to trace (distinct); default: the text's own tokens "
+                                    "(not BOS, [CLS] or [SEP])."))
 
 
 class AttentionRequest(TextRequest):
@@ -51,7 +54,9 @@ class AttentionRequest(TextRequest):
 
 
 class PredictRequest(TextRequest):
-    token_index: StrictInt = Field(description="Position whose next-token predictions are read, 0 .. seq-1.")
+    token_index: StrictInt = Field(description=(
+        "Position read, 0 .. seq-1: its next-token predictions (causal), or the masked-LM reading of "
+        "the token at it (an encoder)."))
     top_k: StrictInt = Field(default=5, description="Predictions per layer, 1 .. 100.")
 
 
@@ -109,16 +114,27 @@ class LayerPredictions(BaseModel):
     top_tokens: list[TopToken]
 
 
+OBJECTIVE_DOC = ('"next_token" (a causal model: what follows the token) or "masked" (an encoder such as '
+                 'BERT: its masked-LM head\'s reading of the token at that position itself).')
+
+
 class PredictResponse(BaseModel):
     token_index: int
     token_str: str
+    objective: Literal["next_token", "masked"] = Field(description=OBJECTIVE_DOC)
     predictions_by_layer: list[LayerPredictions]
 
 
 class ModelInfo(BaseModel):
     name: str
+    family: str = Field(description=(
+        "gpt2, gpt-neox, llama, qwen3, gemma2, gemma3 or bert; another architecture: its HF class name."))
+    causal: bool = Field(description=(
+        "true: a decoder (next-token predictions, triangular attention); false: an encoder (BERT), "
+        "which the next-token endpoints refuse with 400."))
     n_layers: int
-    n_heads: int
+    n_heads: int = Field(description="Query heads per layer (attention patterns are per query head).")
+    n_key_value_heads: int = Field(description="Key/value heads per layer; fewer than n_heads with grouped-query attention.")
     d_model: int
     d_vocab: int
     n_ctx: int
@@ -126,7 +142,10 @@ class ModelInfo(BaseModel):
     path: Optional[str] = Field(description='The directory the weights were read from with "local"; null otherwise.')
     device: str
     dtype: str
-    bos_token_id: Optional[int]
+    prepends_bos: bool = Field(description=(
+        "Whether index 0 is a start token the server adds (BOS; [CLS] for BERT). false: index 0 is "
+        "the text's first token (Pythia, Qwen)."))
+    bos_token_id: Optional[int] = Field(description="The id of that start token; null when none.")
 
 
 class CacheStats(BaseModel):

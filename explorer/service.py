@@ -56,31 +56,42 @@ class Explorer:
         self.tokens = functools.lru_cache(maxsize=TOKENIZE_CACHE_ENTRIES)(self._tokens)
 
     @property
+    def objective(self) -> str:
+        """What the lens reads at a position: the next token (causal), or the token at that
+        position as a masked-LM head would fill it (an encoder)."""
+        return "next_token" if self.model.causal else "masked"
+
+    @property
     def n_ctx(self) -> int:
         return int(self.model.cfg.n_ctx)
 
     def _tokens(self, text: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
-        """Token ids (BOS first where the model uses one) and each token's decoded string."""
+        """Token ids, with the special tokens the model expects around a text (`special_ids`:
+        BOS first where the model uses one; BERT's `[CLS] ... [SEP]`), and each token's decoded string."""
         if not text:
             raise InvalidRequest("text must be a non-empty string")
         tok = self.model.tokenizer
+        before, after = self.model.special_ids
         with self._tokenizer_lock:
-            ids = tok.encode(text, add_special_tokens=False)
-            bos = tok.bos_token_id
-            if bos is not None and getattr(self.model.cfg, "default_prepend_bos", True):
-                ids = [bos, *ids]
+            ids = [*before, *tok.encode(text, add_special_tokens=False), *after]
             if len(ids) > self.n_ctx:
                 raise InvalidRequest(
-                    f"text is {len(ids)} tokens long (BOS included); the model's context holds at "
-                    f"most {self.n_ctx} (n_ctx)")
+                    f"text is {len(ids)} tokens long (special tokens included); the model's context "
+                    f"holds at most {self.n_ctx} (n_ctx)")
             strs = tok.batch_decode([[i] for i in ids])
         return tuple(ids), tuple(strs)
+
+    def text_positions(self, seq: int) -> range:
+        """The positions of the text's own tokens in a tokenized text of length `seq`."""
+        before, after = self.model.special_ids
+        return range(len(before), seq - len(after))
 
     def require_causal(self, endpoint: str) -> None:
         """400 for endpoints whose metric is a next-token prediction when the model is an encoder."""
         if not self.model.causal:
-            raise InvalidRequest(f"{endpoint} measures next-token predictions, but {self.model.name} is an "
-                                 "encoder (bidirectional, masked-token objective); load a causal model")
+            raise InvalidRequest(
+                f"model {self.model.name!r} is an encoder ({self.model.family}: bidirectional attention, "
+                f"masked-token objective); {endpoint} needs a causal (next-token) model")
 
     def offsets(self, text: str) -> list[tuple[int, int]]:
         """Character span [begin, end) of each of `text`'s tokens (special tokens excluded)."""
@@ -125,7 +136,8 @@ class Explorer:
 
     def trace(self, text: str, token_indices: Sequence[int] | None) -> dict[str, Any]:
         _, strs = self.tokens(text)
-        indices = analysis.check_token_indices(token_indices, len(strs), int(self.model.cfg.n_layers))
+        indices = analysis.check_token_indices(token_indices, len(strs), int(self.model.cfg.n_layers),
+                                               self.text_positions(len(strs)))
         run = self.run(text)
         pca = self.cache.get_or_compute(("trace", text, tuple(indices)), lambda: analysis.trace_pca(run, indices))
         result = analysis.trace(pca, indices)
@@ -168,6 +180,7 @@ class Explorer:
         return {
             "token_index": token_index,
             "token_str": strs[token_index],
+            "objective": self.objective,
             "predictions_by_layer": analysis.predictions(lens, top_k, self.vocab_strs),
         }
 

@@ -1,4 +1,5 @@
-"""Regenerate examples/*.json from a running server: `python scripts/make_examples.py [URL]`.
+"""Regenerate examples/*.json from a running server: `python scripts/make_examples.py [URL [FILE ...]]`
+(FILE names, e.g. example6_model.json: only those; default every example).
 
 Each file is the server's exact response plus an `_example` field recording the request and the
 model that answered (frontends load these as mock data while the server is down).
@@ -53,10 +54,14 @@ def finished_job(url: str, body: dict) -> dict:
     return state
 
 
-def main(base: str = "http://127.0.0.1:5001") -> None:
+def main(base: str = "http://127.0.0.1:5001", *only: str) -> None:
     model = fetch(base + "/model", None)
     made = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     examples = [(*e, fetch) for e in EXAMPLES] + [(*e, finished_job) for e in JOB_EXAMPLES]
+    unknown = set(only) - {e[0] for e in examples}
+    if unknown:
+        sys.exit(f"no example named {', '.join(sorted(unknown))}")
+    examples = [e for e in examples if not only or e[0] in only]
     for name, path, body, get in examples:
         response = get(base + path, body)
         response["_example"] = {

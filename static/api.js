@@ -32,7 +32,7 @@ export const getModel = () => call("GET", "/model");
 
 export const tokenize = (text) => call("POST", "/tokenize", { text });
 
-// token_indices omitted: every token but BOS.
+// token_indices omitted: the text's own tokens (no BOS, [CLS] or [SEP]).
 export const trace = (text, token_indices) => call("POST", "/trace", { text, token_indices });
 
 // head omitted (null): every head of the layer as [n_heads][T][T].

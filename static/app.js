@@ -155,7 +155,7 @@ function renderChips() {
   const bos = state.model?.bos_token_id;
   $("#token-count").textContent = state.tokens.length ? `${state.tokens.length} tokens` : "";
   $("#chips").replaceChildren(...state.tokens.map((t) => {
-    const isBos = t.index === 0 && t.token_id === bos;
+    const isBos = t.index === 0 && t.token_id === bos && state.model?.causal !== false;  // BERT: show [CLS]
     const chip = make("button", {
       type: "button",
       className: isBos ? "chip bos" : "chip",
@@ -215,8 +215,11 @@ async function analyze() {
   if (run !== analyzing) return;
   state.text = result ? text : "";
   state.tokens = result ? result.tokens : [];
-  // Same default as /trace: every token but BOS.
-  state.traced = new Set(state.tokens.length > 1 ? state.tokens.slice(1).map((t) => t.index) : [0]);
+  // Same default as /trace: the text's own tokens (no BOS; for an encoder, no [CLS] or [SEP]).
+  const first = state.model?.prepends_bos ? 1 : 0;
+  const end = state.tokens.length - (state.model?.causal === false ? 1 : 0);
+  const own = state.tokens.slice(first, end).map((t) => t.index);
+  state.traced = new Set(own.length ? own : [0]);
   const positions = state.tokens.map((t) => [String(t.index), `#${t.index} ${showToken(t.token_str, 20)}`]);
   options($("#lens-pos"), positions, String(state.tokens.length - 1));
   options($("#dla-pos"), positions, String(state.tokens.length - 1));
@@ -292,7 +295,9 @@ function showModel(info) {
   const kind = info.weights in WEIGHT_CHIPS ? info.weights : "pretrained";
   $("#model").replaceChildren(
     make("strong", { textContent: info.name }),
-    ` · ${info.n_layers} layers · ${info.n_heads} heads · d_model ${info.d_model} · ${info.device} ${info.dtype} `,
+    ` · ${info.family}${info.causal ? "" : " (encoder)"} · ${info.n_layers} layers · ${info.n_heads} heads`
+      + (info.n_key_value_heads < info.n_heads ? ` (${info.n_key_value_heads} key/value)` : "")
+      + ` · d_model ${info.d_model} · ${info.device} ${info.dtype} `,
     make("span", { className: `weights ${kind}`, textContent: WEIGHT_CHIPS[kind],
                    title: info.path ? `loaded from ${info.path}` : "" }),
   );

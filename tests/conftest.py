@@ -50,7 +50,13 @@ def hf_tokenizer(tiny_dir: Path):
 
 @pytest.fixture()
 def app(tiny_model):
-    return create_app({"TESTING": True}, model=tiny_model)
+    app = create_app({"TESTING": True}, model=tiny_model)
+    yield app
+    # Each app has its own worker but the session shares one bridge, whose hooks are shared
+    # state: a job still running after its test would edit the next test's forward passes.
+    for job in list(app.extensions["jobs"]._jobs.values()):
+        job.cancel()
+    app.extensions["explorer"].worker.wait_idle(60)
 
 
 @pytest.fixture()

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.families import hf_layers, hf_o_proj
+
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformer_lens.patching draws a bar per sweep otherwise
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
@@ -29,27 +31,34 @@ def ids_of(client, text: str) -> list[int]:
 
 
 class HFPatcher:
-    """Activation patching on a plain HF GPT2LMHeadModel, one forward per cell."""
+    """Activation patching on a plain HF model, one forward per cell. Sites resid_pre and z (the
+    attention output projection's input) on every family (tests/families.py); attn_out and
+    mlp_out on GPT-2."""
 
     def __init__(self, hf_model) -> None:
         self.model = hf_model
-        self.blocks = hf_model.transformer.h
-        self.n_heads = hf_model.config.n_head
+        self.blocks = hf_layers(hf_model)
+        self.n_heads = hf_model.config.num_attention_heads
+        self.d_head = hf_o_proj(self.blocks[0]).weight.numel() // hf_model.config.hidden_size // self.n_heads
 
     def _modules(self, site: str, layer: int):
         block = self.blocks[layer]
-        return {"resid_pre": block, "attn_out": block.attn, "mlp_out": block.mlp,
-                "z": block.attn.c_proj}[site]
+        if site == "resid_pre":
+            return block
+        if site == "z":
+            return hf_o_proj(block)
+        return {"attn_out": block.attn, "mlp_out": block.mlp}[site]
 
-    def capture(self, ids: list[int]) -> dict[str, list[torch.Tensor]]:
+    def capture(self, ids: list[int], sites: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "z")
+                ) -> dict[str, list[torch.Tensor]]:
         """Each site's activation of every layer: resid_pre/z are inputs, attn_out/mlp_out outputs."""
-        got: dict[str, list[torch.Tensor]] = {s: [] for s in ("resid_pre", "attn_out", "mlp_out", "z")}
+        got: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
         handles = []
         for layer in range(len(self.blocks)):
-            for site in ("resid_pre", "z"):
+            for site in {"resid_pre", "z"} & set(sites):
                 handles.append(self._modules(site, layer).register_forward_pre_hook(
                     lambda m, args, site=site: got[site].append(args[0][0].clone())))
-            for site in ("attn_out", "mlp_out"):
+            for site in {"attn_out", "mlp_out"} & set(sites):
                 handles.append(self._modules(site, layer).register_forward_hook(
                     lambda m, args, out, site=site: got[site].append((out[0] if isinstance(out, tuple) else out)[0].clone())))
         try:
@@ -78,8 +87,7 @@ class HFPatcher:
         return float(metric(logits))
 
     def grid(self, site: str, base_ids: list[int], source: dict, metric) -> np.ndarray:
-        n_layers, seq, n_heads = len(self.blocks), len(base_ids), self.n_heads
-        d_head = self.model.config.n_embd // n_heads
+        n_layers, seq, n_heads, d_head = len(self.blocks), len(base_ids), self.n_heads, self.d_head
 
         def set_pos(t, src, p):
             t[0, p] = src[p]

@@ -114,7 +114,7 @@ def screenshot(page, name: str) -> None:
 def test_model_and_token_chips(page, server):
     info = server[1].get("/model").get_json()
     header = page.locator("#model").inner_text()
-    assert info["name"] in header and f"{info['n_layers']} layers" in header
+    assert info["name"] in header and f"{info['n_layers']} layers" in header and f"· {info['family']} ·" in header
     # The tiny model is a save_pretrained directory: "local", its path on hover, no random warning.
     assert page.locator("#random-warning").is_hidden()
     assert info["weights"] == "local"

@@ -2,13 +2,13 @@
 attribution (/dla)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from flask import Blueprint, Response
 from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr
 
 from .. import lens, openapi
-from ..schemas import Request, TextRequest, TokenRef, TokenSpec
+from ..schemas import OBJECTIVE_DOC, Request, TextRequest, TokenRef, TokenSpec
 from .common import json_response, parse
 
 bp = Blueprint("lens", __name__)
@@ -71,12 +71,13 @@ class LensTarget(BaseModel):
 
 
 class LensResponse(BaseModel):
+    objective: Literal["next_token", "masked"] = Field(description=OBJECTIVE_DOC)
     tokens: list[str] = Field(description="Every token of the text (positions index into it).")
     positions: list[int]
     top: list[list[list[LensToken]]] = Field(description="[n_layers][positions][top_k], most probable first.")
     entropy: list[list[float]] = Field(description="[n_layers][positions], nats.")
     kl_to_final: list[list[float]] = Field(description="KL(final || layer) in nats, [n_layers][positions].")
-    final: list[list[LensToken]] = Field(description="The model's own next-token top_k, [positions][top_k].")
+    final: list[list[LensToken]] = Field(description="The model's own top_k (the last layer), [positions][top_k].")
     target: Optional[LensTarget]
 
 
