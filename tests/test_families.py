@@ -18,6 +18,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from app import create_app
+from explorer import loading
 from model_utils import load_model
 from tests.families import FAMILIES, build, hf_layers, hf_model, hf_readout
 from tests.test_patching import HFPatcher, ok, wait_job
@@ -427,6 +428,8 @@ def test_gated_or_private_model_load_error_explains_hf_token(monkeypatch, make_e
         raise make_error()
 
     monkeypatch.setattr(TransformerBridge, "boot_transformers", refuse)
+    # The hub answers (with a refusal): skip the offline start-up probe, whatever this machine's network.
+    monkeypatch.setattr(loading, "hub_unreachable", lambda *args, **kwargs: None)
     with pytest.raises(ModelLoadError) as info:
         load_model("meta-llama/Llama-3.2-1B", device="cpu")
     message = str(info.value)
