@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = {"random": "RANDOM weights: predictions are meaningless", "pretrained": "pretrained weights",
                "local": f"weights from {model.path}"}[model.weights]
     log.info("Loaded %s (%s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
-             "vocab %d, n_ctx %d", model.name, weights, model.device, model.dtype, model.load_seconds, cfg.n_layers, cfg.n_heads, cfg.d_model,
-             cfg.d_vocab, cfg.n_ctx)
+             "vocab %d, n_ctx %d", model.name, weights, model.device, model.dtype, model.load_seconds,
+             cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_vocab, cfg.n_ctx)
     config: dict[str, Any] = {"CACHE_BYTES": args.cache_mb << 20, "CHECK_HOST": loopback}
     if args.cors_origins:
         config["CORS_ORIGINS"] = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
