@@ -6,7 +6,9 @@ import { saveJSON, savePNG, saveSVG } from "./export.js";
 import { headsView, setUpHeads } from "./heads.js";
 import { drawLens } from "./lens.js";
 import { drawLensGrid } from "./lensgrid.js";
+import { patchingView, setUpPatching } from "./patching.js";
 import { inkOn, oranges, rgb, showToken } from "./svg.js";
+import { setUpTracing, tracingView } from "./tracing.js";
 import { drawTrajectories } from "./trajectories.js";
 
 const $ = (selector) => document.querySelector(selector);
@@ -127,6 +129,8 @@ const views = {
     name: () => `dla-pos${$("#dla-pos").value}`,
   },
   heads: headsView(() => state.text),
+  patching: patchingView(),
+  tracing: tracingView(),
 };
 
 function activeView() {
@@ -316,6 +320,8 @@ async function start() {
   $("#lens-pos").addEventListener("change", () => show("lens"));
   $("#lens-k").addEventListener("change", () => show("lens"));
   setUpHeads(() => state.text, () => show("heads"));
+  setUpPatching(() => show("patching"));
+  setUpTracing(() => show("tracing"));
   $("#lens-mode").addEventListener("change", () => {
     document.querySelectorAll("#panel-lens .grid-only").forEach((n) => { n.hidden = !lensGrid(); });
     document.querySelectorAll("#panel-lens .position-only").forEach((n) => { n.hidden = lensGrid(); });
