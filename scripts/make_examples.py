@@ -1,4 +1,5 @@
-"""Regenerate examples/*.json from a running server: `python scripts/make_examples.py [URL]`.
+"""Regenerate examples/*.json from a running server: `python scripts/make_examples.py [URL [NAME ...]]`
+(NAMEs, e.g. example13_patch.json: only those).
 
 Each file is the server's exact response plus an `_example` field recording the request and the
 model that answered (frontends load these as mock data while the server is down).
@@ -28,6 +29,11 @@ EXAMPLES = [
     ("example10_lens.json", "/lens", {"text": TEXT, "target": " mat", "top_k": 3}),
     ("example11_score.json", "/score", {"texts": [TEXT, "The cat sat on the hat"], "temperature": 0.7, "top_k": 3}),
     ("example12_dla.json", "/dla", {"text": TEXT, "answer": " mat", "distractor": " floor"}),
+    ("example13_patch.json", "/patch",
+     {"clean": IOI, "corrupt": IOI_CORRUPT, "answer": " Mary", "distractor": " John", "site": "resid_pre"}),
+    ("example14_causal_trace.json", "/causal_trace",
+     {"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower", "answer": " Paris", "kind": "mlp",
+      "samples": 4}),
 ]
 # Jobs: the file is the finished job (GET /jobs/{id}), the request the POST that started it.
 JOB_EXAMPLES = [
@@ -53,11 +59,13 @@ def finished_job(url: str, body: dict) -> dict:
     return state
 
 
-def main(base: str = "http://127.0.0.1:5001") -> None:
+def main(base: str = "http://127.0.0.1:5001", *names: str) -> None:
     model = fetch(base + "/model", None)
     made = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     examples = [(*e, fetch) for e in EXAMPLES] + [(*e, finished_job) for e in JOB_EXAMPLES]
     for name, path, body, get in examples:
+        if names and name not in names:
+            continue
         response = get(base + path, body)
         response["_example"] = {
             "request": {"method": "GET" if body is None else "POST", "path": path, "body": body},
