@@ -28,6 +28,13 @@ async function call(method, path, body) {
   return data;
 }
 
+// A token typed in a box: "" -> undefined, digits -> a token id, anything else as typed
+// (leading spaces matter: " mat" and "mat" are different tokens).
+export function tokenSpec(value) {
+  if (value === "") return undefined;
+  return /^\d+$/.test(value) ? Number(value) : value;
+}
+
 export const getModel = () => call("GET", "/model");
 
 export const tokenize = (text) => call("POST", "/tokenize", { text });

@@ -1,14 +1,15 @@
 // Page wiring: the text box and token chips, the views, their exports.
 import * as api from "./api.js";
+import { tokenSpec } from "./api.js";
 import { drawAttention } from "./attention.js";
 import { drawAttribution } from "./attribution.js";
 import { saveJSON, savePNG, saveSVG } from "./export.js";
 import { headsView, setUpHeads } from "./heads.js";
 import { drawLens } from "./lens.js";
 import { drawLensGrid } from "./lensgrid.js";
-import { patchingView, setUpPatching } from "./patching.js";
+import { patchingView } from "./patching.js";
 import { inkOn, oranges, rgb, showToken } from "./svg.js";
-import { setUpTracing, tracingView } from "./tracing.js";
+import { tracingView } from "./tracing.js";
 import { drawTrajectories } from "./trajectories.js";
 
 const $ = (selector) => document.querySelector(selector);
@@ -65,13 +66,6 @@ function gridPositions() {
   if (n <= GRID_POSITIONS) return undefined;
   const start = Math.min(Math.max(Number($("#lens-pos").value) - GRID_POSITIONS / 2, 0), n - GRID_POSITIONS);
   return Array.from({ length: GRID_POSITIONS }, (_, i) => start + i);
-}
-
-// A token typed in a box: "" -> undefined, digits -> a token id, anything else as typed
-// (leading spaces matter: " mat" and "mat" are different tokens).
-function tokenSpec(value) {
-  if (value === "") return undefined;
-  return /^\d+$/.test(value) ? Number(value) : value;
 }
 
 function options(select, items, selected) {
@@ -320,8 +314,8 @@ async function start() {
   $("#lens-pos").addEventListener("change", () => show("lens"));
   $("#lens-k").addEventListener("change", () => show("lens"));
   setUpHeads(() => state.text, () => show("heads"));
-  setUpPatching(() => show("patching"));
-  setUpTracing(() => show("tracing"));
+  views.patching.setUp(() => show("patching"));
+  views.tracing.setUp(() => show("tracing"));
   $("#lens-mode").addEventListener("change", () => {
     document.querySelectorAll("#panel-lens .grid-only").forEach((n) => { n.hidden = !lensGrid(); });
     document.querySelectorAll("#panel-lens .position-only").forEach((n) => { n.hidden = lensGrid(); });

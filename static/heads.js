@@ -4,7 +4,7 @@
 // patching also show their scatter and correlation.
 import * as api from "./api.js";
 import { jobControls } from "./jobs.js";
-import { blues, el, figure, readable, rgb } from "./svg.js";
+import { blues, el, figure, fmt, readable, rgb } from "./svg.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -44,8 +44,6 @@ function diverging(value, max) {
   const f = Math.abs(t);
   return rgb([255 + (r - 255) * f, 255 + (g - 255) * f, 255 + (b - 255) * f].map(Math.round));
 }
-
-const fmt = (v) => String(Number(v.toPrecision(4)));
 
 // What each mode draws: a [n_layers][n_heads] grid of numbers, its colour, a title.
 function grids(data, { mode, stage }) {

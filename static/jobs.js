@@ -49,8 +49,52 @@ export function jobControls(bar, status, cancel) {
 }
 
 // The results of finished jobs; null if any was cancelled; throws the first job's error.
-export function results(states) {
+function results(states) {
   const failed = states.find((s) => s.status === "error");
   if (failed) throw new Error(failed.error ?? "the job failed");
   return states.every((s) => s.status === "done") ? states.map((s) => s.result) : null;
+}
+
+// A view (see app.js's `views`) drawn from jobs that its Run button starts: `read()` takes the
+// inputs when Run is pressed, `starts(inputs)` gives the requests that start the jobs, `finish`
+// turns their results into the view's data (and may report in the status line). A finished
+// answer is kept: tab switches and other texts only redraw it; only Run computes again.
+export function jobView({ button, bar, status, cancel, hint, read, starts, finish, draw, name }) {
+  const run = jobControls(bar, status, cancel);
+  const job = { inputs: null, pending: null, done: null, version: 0 };
+  return {
+    key: () => String(job.version),
+    request: () => {
+      if (job.done?.version === job.version) return Promise.resolve(job.done.data);
+      if (job.pending) return job.pending;
+      if (!job.inputs) {
+        status.textContent = hint;
+        return Promise.resolve(null);
+      }
+      const version = job.version;
+      job.pending = run(starts(job.inputs)).then((states) => {
+        const done = results(states);
+        if (!done) {
+          status.textContent = "cancelled";
+          return null;
+        }
+        job.done = { version, data: finish(done) };
+        return job.done.data;
+      }).finally(() => {
+        job.pending = job.inputs = null;
+        button.disabled = false;
+      });
+      return job.pending;
+    },
+    draw,
+    name,
+    setUp(redraw) {
+      button.addEventListener("click", () => {
+        button.disabled = true;
+        job.inputs = read();
+        job.version += 1;
+        redraw();
+      });
+    },
+  };
 }

@@ -2,8 +2,8 @@
 // drawn as a diverging layer x position (or layer x head) heatmap of the recovery. Before anything
 // is sent, both prompts are tokenized side by side and a length mismatch is explained.
 import * as api from "./api.js";
-import { jobControls, results } from "./jobs.js";
-import { colourBar, diverging, el, figure, heatmap, readable, rgb, showToken } from "./svg.js";
+import { jobView } from "./jobs.js";
+import { colourBar, diverging, el, figure, fmt, heatmap, readable, rgb, showToken } from "./svg.js";
 
 const $ = (selector) => document.querySelector(selector);
 const LEFT = 48, TOP = 84;
@@ -15,21 +15,16 @@ const SITES = {
   heads_by_position: "each head's output at one position",
 };
 
-const patch = { inputs: null, pending: null, done: null, version: 0 };
-
-export const fmt = (v) => String(Number(v.toPrecision(4)));
-
 function inputs() {
-  const spec = (value) => (/^\d+$/.test(value) ? Number(value) : value);
   return {
-    clean: $("#patch-clean").value, corrupt: $("#patch-corrupt").value, answer: spec($("#patch-answer").value),
-    distractor: $("#patch-distractor").value === "" ? null : spec($("#patch-distractor").value),
+    clean: $("#patch-clean").value, corrupt: $("#patch-corrupt").value,
+    answer: api.tokenSpec($("#patch-answer").value), distractor: api.tokenSpec($("#patch-distractor").value),
     site: $("#patch-site").value, direction: $("#patch-direction").value,
   };
 }
 
 // The target as a formula: logit(" Mary") − logit(" John"), or log P(" Mary").
-export function metricLabel(data) {
+function metricLabel(data) {
   const a = JSON.stringify(data.answer.token);
   return data.metric === "logit_diff" ? `logit(${a}) − logit(${JSON.stringify(data.distractor.token)})` : `log P(${a})`;
 }
@@ -81,68 +76,51 @@ function busiestPosition(grid) {
   return totals.indexOf(Math.max(...totals));
 }
 
-// heads_by_position: the position selector, filled from the answer's tokens.
+let positionsOf = null;  // the answer the position selector was filled from
+
+// heads_by_position: the position selector, filled from a new answer's tokens.
 function syncPosition(data) {
   const select = $("#patch-position"), byPos = data.site === "heads_by_position";
   $("#patch-position-label").hidden = !byPos;
-  if (!byPos || select.dataset.for === String(patch.done?.version)) return;
-  const values = data.recovery ?? data.effect;
+  if (!byPos || positionsOf === data) return;
   select.replaceChildren(...data.positions.map((t, p) => new Option(`#${p} ${showToken(t, 16)}`, String(p))));
-  select.value = String(busiestPosition(values));
-  select.dataset.for = String(patch.done.version);
+  select.value = String(busiestPosition(data.recovery ?? data.effect));
+  positionsOf = data;
 }
 
-// The view (see app.js's `views`).
-export const patchingView = () => ({
-  key: () => String(patch.version),
-  request: () => {
-    if (patch.done?.version === patch.version) return Promise.resolve(patch.done.data);
-    if (patch.pending) return patch.pending;
-    if (!patch.inputs) {
-      $("#patch-status").textContent = "Press Run to patch every cell (a job: the bar shows its progress).";
-      return Promise.resolve(null);
-    }
-    patch.pending = runPatch(patch.inputs, patch.version).finally(() => {
-      patch.pending = patch.inputs = null;
-      $("#patch-run").disabled = false;
-    });
-    return patch.pending;
-  },
-  draw: (data, readout) => {
-    syncPosition(data);
-    return drawPatching(data, readout, Number($("#patch-position").value));
-  },
-  name: () => `patching-${patch.done?.data.site ?? "grid"}`,
-});
-
-let run;  // jobControls' runner, set up in setUpPatching
-
-async function runPatch(i, version) {
-  const states = await run([() => api.startPatch(i.clean, i.corrupt, i.answer, i.distractor, i.site, i.direction)]);
-  const [data] = results(states) ?? [null];
-  $("#patch-status").textContent = data
-    ? `done: ${data.cells_computed} cells run` + (data.warning ? `; ${data.warning}` : "") : "cancelled";
-  if (data) patch.done = { version, data };
-  return data;
-}
-
-export function setUpPatching(redraw) {
-  run = jobControls($("#patch-progress"), $("#patch-status"), $("#patch-cancel"));
-  $("#patch-run").addEventListener("click", () => {
-    $("#patch-run").disabled = true;
-    patch.inputs = inputs();
-    patch.version += 1;
-    redraw();
+// The view (see app.js's `views`); `setUp(redraw)` wires its controls.
+export function patchingView() {
+  let site = "";
+  const view = jobView({
+    button: $("#patch-run"), bar: $("#patch-progress"), status: $("#patch-status"), cancel: $("#patch-cancel"),
+    hint: "Press Run to patch every cell (a job: the bar shows its progress).",
+    read: inputs,
+    starts: (i) => [() => api.startPatch(i.clean, i.corrupt, i.answer, i.distractor, i.site, i.direction)],
+    finish: ([data]) => {
+      $("#patch-status").textContent = `done: ${data.cells_computed} cells run` + (data.warning ? `; ${data.warning}` : "");
+      return data;
+    },
+    draw: (data, readout) => {
+      site = data.site;
+      syncPosition(data);
+      return drawPatching(data, readout, Number($("#patch-position").value));
+    },
+    name: () => `patching-${site}`,
   });
-  let timer;
-  for (const id of ["#patch-clean", "#patch-corrupt"]) {
-    $(id).addEventListener("input", () => {
-      clearTimeout(timer);
-      timer = setTimeout(comparePrompts, 250);
-    });
-  }
-  $("#patch-position").addEventListener("change", redraw);
-  comparePrompts();
+  const setUpJobs = view.setUp;
+  view.setUp = (redraw) => {
+    setUpJobs(redraw);
+    let timer;
+    for (const id of ["#patch-clean", "#patch-corrupt"]) {
+      $(id).addEventListener("input", () => {
+        clearTimeout(timer);
+        timer = setTimeout(comparePrompts, 250);
+      });
+    }
+    $("#patch-position").addEventListener("change", redraw);
+    comparePrompts();
+  };
+  return view;
 }
 
 // values: [rows][cols] of the shown grid; the heatmap with tokens (or heads) on the x axis.

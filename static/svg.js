@@ -35,6 +35,9 @@ export const blues = (value) => ramp(BLUES, value);
 
 export const rgb = ([r, g, b]) => `rgb(${r},${g},${b})`;
 
+// A number as a label: `digits` significant digits, no trailing zeros.
+export const fmt = (v, digits = 4) => String(Number(v.toPrecision(digits)));
+
 const tip = document.getElementById("tip");
 
 function showTip(item, text) {

@@ -3,8 +3,8 @@
 // each cell the answer's probability after restoring that clean state into the noised run; the
 // subject tokens (the ones noised) are starred.
 import * as api from "./api.js";
-import { jobControls, results } from "./jobs.js";
-import { colourBar, el, figure, heatmap, readable, rgb, showToken } from "./svg.js";
+import { jobView } from "./jobs.js";
+import { colourBar, el, figure, fmt as fmt4, heatmap, readable, rgb, showToken } from "./svg.js";
 
 const $ = (selector) => document.querySelector(selector);
 const KINDS = {  // ROME's colours
@@ -14,60 +14,31 @@ const KINDS = {  // ROME's colours
 };
 const LABELS = 120, TOP = 84, GAP = 40, ROW = 20, PANEL_MIN = 220;
 
-const trace = { inputs: null, pending: null, done: null, version: 0 };
-let run;  // jobControls' runner, set up in setUpTracing
-
-const fmt = (v) => String(Number(v.toPrecision(3)));
 const shade = (color, t) => color.map((c) => Math.round(255 + (c - 255) * Math.min(Math.max(t, 0), 1)));
 
+const fmt = (v) => fmt4(v, 3);
+
 function inputs() {
-  const answer = $("#trace-answer").value;
   return {
     text: $("#trace-text").value, subject: $("#trace-subject").value,
-    answer: answer === "" ? null : /^\d+$/.test(answer) ? Number(answer) : answer,
-    samples: Number($("#trace-samples").value),
+    answer: api.tokenSpec($("#trace-answer").value), samples: Number($("#trace-samples").value),
   };
 }
 
-async function runTrace(i, version) {
-  const states = await run(Object.keys(KINDS).map((kind) => () => api.startCausalTrace(i.text, i.subject, i.answer,
-                                                                                      kind, i.samples)));
-  const data = results(states);
-  const warnings = new Set((data ?? []).filter((d) => d.warning).map((d) => d.warning));
-  $("#trace-status").textContent = data ? ["done", ...warnings].join("; ") : "cancelled";
-  if (data) trace.done = { version, data };
-  return data;
-}
-
 // The view (see app.js's `views`); its data is the list of the three answers.
-export const tracingView = () => ({
-  key: () => String(trace.version),
-  request: () => {
-    if (trace.done?.version === trace.version) return Promise.resolve(trace.done.data);
-    if (trace.pending) return trace.pending;
-    if (!trace.inputs) {
-      $("#trace-status").textContent = "Press Run to trace the three kinds (jobs: the bar shows their progress).";
-      return Promise.resolve(null);
-    }
-    trace.pending = runTrace(trace.inputs, trace.version).finally(() => {
-      trace.pending = trace.inputs = null;
-      $("#trace-run").disabled = false;
-    });
-    return trace.pending;
+export const tracingView = () => jobView({
+  button: $("#trace-run"), bar: $("#trace-progress"), status: $("#trace-status"), cancel: $("#trace-cancel"),
+  hint: "Press Run to trace the three kinds (jobs: the bar shows their progress).",
+  read: inputs,
+  starts: (i) => Object.keys(KINDS).map((kind) => () => api.startCausalTrace(i.text, i.subject, i.answer, kind,
+                                                                              i.samples)),
+  finish: (data) => {
+    $("#trace-status").textContent = ["done", ...new Set(data.filter((d) => d.warning).map((d) => d.warning))].join("; ");
+    return data;
   },
   draw: drawTracing,
   name: () => "causal-trace",
 });
-
-export function setUpTracing(redraw) {
-  run = jobControls($("#trace-progress"), $("#trace-status"), $("#trace-cancel"));
-  $("#trace-run").addEventListener("click", () => {
-    $("#trace-run").disabled = true;
-    trace.inputs = inputs();
-    trace.version += 1;
-    redraw();
-  });
-}
 
 // The layers a cell of kind mlp/attn restores together (ROME's window, as the server does it).
 function windowOf(layer, window, nLayers) {

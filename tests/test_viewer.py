@@ -546,7 +546,12 @@ def test_patching_resid_and_heads(page, server):
     assert "Press Run" in page.locator("#patch-status").inner_text()
 
     panel = page.locator("#panel-patching")
-    run_view(page, "patching")  # resid_pre, denoise: the defaults
+    polls = []
+    page.on("request", lambda r: "/jobs/" in r.url and r.method == "GET" and polls.append(r.url))
+    with page.expect_request("**/patch") as sent:
+        run_view(page, "patching")  # resid_pre, denoise: the defaults
+    assert sent.value.post_data_json == {**PATCH_BODY, "site": "resid_pre", "direction": "denoise", "async": True}
+    assert polls  # the bar is fed by GET /jobs/{id}
     data = api(server, "/patch", {**PATCH_BODY, "site": "resid_pre"})
     n_layers, seq = len(data["recovery"]), len(data["recovery"][0])
     assert panel.locator("rect.patch-cell").count() == n_layers * seq
