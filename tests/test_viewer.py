@@ -651,3 +651,18 @@ def test_exports_of_causal_views(page, server, view):
     else:
         assert json.loads(saved["json"]) == [api(server, "/causal_trace", {**FACT, "kind": k, "samples": 2})
                                              for k in ("resid", "mlp", "attn")]
+
+
+def test_causal_tracing_error_is_shown(page, server):
+    page.click("#tab-tracing")
+    page.fill("#trace-subject", "Louvre")
+    message = server[1].post("/causal_trace", json={**FACT, "subject": "Louvre"}).get_json()["error"]
+    page.click("#trace-run")
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    assert error.inner_text() == message
+    assert page.locator("#panel-tracing svg.figure").count() == 0 and not page.locator("#trace-run").is_disabled()
+    page.fill("#trace-subject", FACT["subject"])
+    page.fill("#trace-samples", "1")
+    run_view(page, "tracing")  # the next good run clears it
+    assert error.is_hidden()
