@@ -80,6 +80,9 @@ export function jobView({ button, bar, status, cancel, hint, read, starts, finis
         }
         job.done = { version, data: finish(done) };
         return job.done.data;
+      }, (err) => {
+        status.textContent = "failed: see the error above";
+        throw err;  // to the page's error banner
       }).finally(() => {
         job.pending = job.inputs = null;
         button.disabled = false;

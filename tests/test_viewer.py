@@ -612,6 +612,7 @@ def test_patching_unequal_lengths_explained_and_refused(page, server):
     assert error.inner_text() == message and "same number of tokens" in message
     assert page.locator("#panel-patching svg.figure").count() == 0
     assert not page.locator("#patch-run").is_disabled()
+    assert page.locator("#patch-status").inner_text() == "failed: see the error above"
     screenshot(page, "patching-error")
 
 
