@@ -58,3 +58,8 @@ __all__ += ["plot_attention_heatmap", "plot_attribution_vs_patching", "plot_head
 from explorer.plots import plot_dla, plot_lens_grid, plot_target_trajectory  # noqa: E402
 
 __all__ += ["plot_dla", "plot_lens_grid", "plot_target_trajectory"]
+
+# Causal interventions: the /patch heatmap and ROME's causal-tracing panels.
+from explorer.plots import plot_causal_trace, plot_patching  # noqa: E402
+
+__all__ += ["plot_causal_trace", "plot_patching"]

@@ -367,3 +367,75 @@ def plot_dla(dla: Mapping[str, Any], *, title: str | None = None) -> Figure:
               else f"logit('{_label(answer)}')")
     fig.suptitle(title or f"direct logit attribution of {metric} after token {dla['position']}")
     return fig
+
+
+def plot_patching(patch: Mapping[str, Any], position: int | None = None, *, ax: Axes | None = None,
+                  title: str | None = None) -> Figure:
+    """A `/patch` response as a diverging heatmap of its recovery (1 = the clean behaviour
+    restored, 0 = no effect; blue above 0, red below), rows the layers (layer 0 on top), columns the
+    clean tokens (`resid_pre`, `attn_out`, `mlp_out`) or the heads (`heads`). A
+    `heads_by_position` grid is drawn layer x head at `position` (default: the position where the
+    heads' patches move the metric most). When recovery is null (equal clean and corrupt metrics)
+    the change of the raw metric is drawn instead."""
+    recovered = patch["recovery"] is not None
+    base = patch["corrupt_metric"] if patch["direction"] == "denoise" else patch["clean_metric"]
+    grid = np.asarray(patch["recovery"] if recovered else patch["effect"], dtype=float) - (0.0 if recovered else base)
+    site = patch["site"]
+    if site == "heads_by_position":
+        if position is None:
+            position = int(np.abs(grid).sum(axis=(0, 1)).argmax())
+        grid = grid[:, :, position]
+    elif position is not None:
+        raise ValueError("position is only for a heads_by_position response")
+    n_layers, n_cols = grid.shape
+    heads = site.startswith("heads")
+    fig, ax = _axes(ax, (max(0.45 * n_cols + 2.5, 5), 0.4 * n_layers + (1.6 if heads else 2.4)))
+    limit = max(float(np.abs(grid).max()), 1.0 if recovered else 0.0) or 1.0
+    image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    columns = patch["columns"] if heads else [_label(t) for t in patch["tokens_clean"]]
+    ax.set_xticks(range(n_cols), columns, rotation=0 if heads else 90, fontsize=8)
+    if not heads:  # mark the positions where the two prompts differ
+        for label, clean, corrupt in zip(ax.get_xticklabels(), patch["tokens_clean"], patch["tokens_corrupt"]):
+            if clean != corrupt:
+                label.set_color("tab:red")
+    ax.set_yticks(range(n_layers), patch["rows"], fontsize=8)
+    ax.set_xlabel("head" if heads else "position (clean token; red: the prompts differ)")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="recovery" if recovered else "metric change")
+    answer = _label(patch["answer"]["token"])
+    metric = (f"logit('{answer}') - logit('{_label(patch['distractor']['token'])}')"
+              if patch["metric"] == "logit_diff" else f"log P('{answer}')")
+    where = "" if position is None else f" at position {position} ('{_label(patch['tokens_clean'][position])}')"
+    ax.set_title(title or f"{site}{where}, {patch['direction']}: {metric}", fontsize=10)
+    return fig
+
+
+TRACE_CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}  # ROME's colours
+
+
+def plot_causal_trace(traces: Sequence[Mapping[str, Any]] | Mapping[str, Any], *, title: str | None = None) -> Figure:
+    """ROME's causal-tracing figure from `/causal_trace` responses (one, or a list such as the
+    resid, mlp and attn traces of one prompt): one panel each, side by side, tokens down (the
+    subject's starred) and layers across, each cell the answer's probability after restoring
+    that state into the noised run."""
+    from matplotlib.figure import Figure
+
+    traces = [traces] if isinstance(traces, Mapping) else list(traces)
+    first = traces[0]
+    tokens, subject = first["tokens"], set(first["subject_positions"])
+    n_layers = len(first["scores"])
+    fig = Figure(figsize=(0.25 * n_layers * len(traces) + 2.5 * len(traces) + 1.5, 0.32 * len(tokens) + 2),
+                 layout="constrained")
+    for ax, trace in zip(fig.subplots(1, len(traces), squeeze=False)[0], traces):
+        scores = np.asarray(trace["scores"], dtype=float).T  # [seq, n_layers]
+        image = ax.imshow(scores, cmap=TRACE_CMAPS[trace["kind"]], aspect="auto",
+                          vmin=min(trace["corrupt_prob"], float(scores.min())))
+        ax.set_yticks(range(len(tokens)), [f"{_label(t)}*" if p in subject else _label(t)
+                                           for p, t in enumerate(tokens)], fontsize=8)
+        ax.set_xlabel("layer")
+        window = "" if trace["window"] is None else f" (window {trace['window']})"
+        ax.set_title(f"restore {trace['kind']}{window}", fontsize=10)
+        fig.colorbar(image, ax=ax, shrink=0.8, label=f"P('{_label(trace['answer']['token'])}')")
+    fig.suptitle(title or f"causal tracing: clean p = {first['clean_prob']:.3g}, noised p = "
+                          f"{first['corrupt_prob']:.3g} (* = subject, noised)")
+    return fig

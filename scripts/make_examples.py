@@ -29,6 +29,11 @@ EXAMPLES = [
     ("example10_lens.json", "/lens", {"text": TEXT, "target": " mat", "top_k": 3}),
     ("example11_score.json", "/score", {"texts": [TEXT, "The cat sat on the hat"], "temperature": 0.7, "top_k": 3}),
     ("example12_dla.json", "/dla", {"text": TEXT, "answer": " mat", "distractor": " floor"}),
+    ("example13_patch.json", "/patch",
+     {"clean": IOI, "corrupt": IOI_CORRUPT, "answer": " Mary", "distractor": " John", "site": "resid_pre"}),
+    ("example14_causal_trace.json", "/causal_trace",
+     {"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower", "answer": " Paris", "kind": "mlp",
+      "samples": 4}),
 ]
 # Jobs: the file is the finished job (GET /jobs/{id}), the request the POST that started it.
 JOB_EXAMPLES = [

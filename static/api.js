@@ -28,6 +28,13 @@ async function call(method, path, body) {
   return data;
 }
 
+// A token typed in a box: "" -> undefined, digits -> a token id, anything else as typed
+// (leading spaces matter: " mat" and "mat" are different tokens).
+export function tokenSpec(value) {
+  if (value === "") return undefined;
+  return /^\d+$/.test(value) ? Number(value) : value;
+}
+
 export const getModel = () => call("GET", "/model");
 
 export const tokenize = (text) => call("POST", "/tokenize", { text });
@@ -64,3 +71,12 @@ export const score = (texts, temperature = 1, top_k = 5) => call("POST", "/score
 // Direct logit attribution; distractor null: the answer's logit; position null: the last token.
 export const dla = (text, answer, distractor = null, position = null) =>
   call("POST", "/dla", { text, answer, distractor, position });
+
+// Causal interventions, always as jobs: 202 {job}; run them with jobs.js.
+// Activation patching; site: resid_pre | attn_out | mlp_out | heads | heads_by_position.
+export const startPatch = (clean, corrupt, answer, distractor, site, direction) =>
+  call("POST", "/patch", { clean, corrupt, answer, distractor: distractor ?? null, site, direction, async: true });
+
+// ROME causal tracing of one kind (resid | mlp | attn); answer null: the model's top-1.
+export const startCausalTrace = (text, subject, answer, kind, samples) =>
+  call("POST", "/causal_trace", { text, subject, answer: answer ?? null, kind, samples, async: true });

@@ -1,12 +1,15 @@
 // Page wiring: the text box and token chips, the views, their exports.
 import * as api from "./api.js";
+import { tokenSpec } from "./api.js";
 import { drawAttention } from "./attention.js";
 import { drawAttribution } from "./attribution.js";
 import { saveJSON, savePNG, saveSVG } from "./export.js";
 import { headsView, setUpHeads } from "./heads.js";
 import { drawLens } from "./lens.js";
 import { drawLensGrid } from "./lensgrid.js";
+import { patchingView } from "./patching.js";
 import { inkOn, oranges, rgb, showToken } from "./svg.js";
+import { tracingView } from "./tracing.js";
 import { drawTrajectories } from "./trajectories.js";
 
 const $ = (selector) => document.querySelector(selector);
@@ -65,13 +68,6 @@ function gridPositions() {
   return Array.from({ length: GRID_POSITIONS }, (_, i) => start + i);
 }
 
-// A token typed in a box: "" -> undefined, digits -> a token id, anything else as typed
-// (leading spaces matter: " mat" and "mat" are different tokens).
-function tokenSpec(value) {
-  if (value === "") return undefined;
-  return /^\d+$/.test(value) ? Number(value) : value;
-}
-
 function options(select, items, selected) {
   select.replaceChildren(...items.map(([value, label]) => new Option(label, value, false, value === selected)));
 }
@@ -127,6 +123,8 @@ const views = {
     name: () => `dla-pos${$("#dla-pos").value}`,
   },
   heads: headsView(() => state.text),
+  patching: patchingView(),
+  tracing: tracingView(),
 };
 
 function activeView() {
@@ -325,6 +323,8 @@ async function start() {
   $("#lens-pos").addEventListener("change", () => show("lens"));
   $("#lens-k").addEventListener("change", () => show("lens"));
   setUpHeads(() => state.text, () => show("heads"));
+  views.patching.setUp(() => show("patching"));
+  views.tracing.setUp(() => show("tracing"));
   $("#lens-mode").addEventListener("change", () => {
     document.querySelectorAll("#panel-lens .grid-only").forEach((n) => { n.hidden = !lensGrid(); });
     document.querySelectorAll("#panel-lens .position-only").forEach((n) => { n.hidden = lensGrid(); });

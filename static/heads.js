@@ -3,7 +3,8 @@
 // gates (a POST /jobs/chg job, polled, with its taxonomy drawn over the cells). Attribution and
 // patching also show their scatter and correlation.
 import * as api from "./api.js";
-import { blues, el, figure, readable, rgb } from "./svg.js";
+import { jobControls } from "./jobs.js";
+import { blues, el, figure, fmt, readable, rgb } from "./svg.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -24,10 +25,9 @@ const ROLES = {  // the CHG taxonomy as a categorical overlay
   irrelevant: { mark: "", color: "#999" },
   ambiguous: { mark: "?", color: "#762a83" },
 };
-const POLL_MS = 250;
 const LEFT = 44, TOP = 84, SCATTER = 300;
 
-const chg = { result: null, text: "", version: 0, job: null };
+const chg = { result: null, text: "", version: 0, running: false };
 
 function inputs() {
   return {
@@ -44,8 +44,6 @@ function diverging(value, max) {
   const f = Math.abs(t);
   return rgb([255 + (r - 255) * f, 255 + (g - 255) * f, 255 + (b - 255) * f].map(Math.round));
 }
-
-const fmt = (v) => String(Number(v.toPrecision(4)));
 
 // What each mode draws: a [n_layers][n_heads] grid of numbers, its colour, a title.
 function grids(data, { mode, stage }) {
@@ -202,7 +200,8 @@ function drawScatter(svg, data, estimate, exact, x0) {
 
 // CHG: start a job on the current text and answer, poll it into the progress bar, cancel it.
 export function setUpHeads(currentText, redraw) {
-  const status = $("#heads-status"), bar = $("#heads-progress");
+  const status = $("#heads-status");
+  const run = jobControls($("#heads-progress"), status, $("#heads-cancel"));
   $("#heads-example").addEventListener("click", () => {
     $("#heads-corrupt").value = IOI.corrupt;
     $("#heads-answer").value = IOI.answer;
@@ -210,24 +209,15 @@ export function setUpHeads(currentText, redraw) {
     $("#text").value = IOI.clean;
     $("#input-form").requestSubmit();
   });
-  $("#heads-cancel").addEventListener("click", () => chg.job && api.cancelJob(chg.job).catch(() => {}));
   $("#heads-train").addEventListener("click", async () => {
     const text = currentText(), { answer } = inputs();
     $("#heads-train").disabled = true;
-    bar.value = 0;
+    chg.running = true;
     try {
-      chg.job = (await api.startChg([text], [answer], Number($("#heads-steps").value))).job;
-      $("#heads-cancel").disabled = false;
-      let state;
-      do {
-        await new Promise((resolve) => setTimeout(resolve, POLL_MS));
-        state = await api.getJob(chg.job);
-        bar.value = state.progress;
-        status.textContent = state.stage
-          ? `${state.status}: ${state.stage}, step ${state.step}/${state.steps}` +
-            (state.loss === null ? "" : `, loss ${state.loss.toFixed(3)}`)
-          : state.status;
-      } while (!["done", "error", "cancelled"].includes(state.status));
+      const [state] = await run([() => api.startChg([text], [answer], Number($("#heads-steps").value))], (s) => (
+        s.stage ? `${s.status}: ${s.stage}, step ${s.step}/${s.steps}` +
+                  (s.loss === null ? "" : `, loss ${s.loss.toFixed(3)}`)
+                : s.status));
       if (state.status === "done") {
         Object.assign(chg, { result: state.result, text, version: chg.version + 1 });
         const c = state.result.counts;
@@ -241,14 +231,13 @@ export function setUpHeads(currentText, redraw) {
     } catch (err) {
       status.textContent = err.message;
     } finally {
-      chg.job = null;
+      chg.running = false;
       $("#heads-train").disabled = false;
-      $("#heads-cancel").disabled = true;
     }
   });
   for (const id of ["#heads-show", "#heads-method", "#heads-stage", "#heads-answer", "#heads-distractor", "#heads-corrupt"]) {
     $(id).addEventListener("change", () => {
-      status.textContent = chg.job ? status.textContent : "";
+      status.textContent = chg.running ? status.textContent : "";
       syncControls();
       redraw();
     });

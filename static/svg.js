@@ -35,6 +35,9 @@ export const blues = (value) => ramp(BLUES, value);
 
 export const rgb = ([r, g, b]) => `rgb(${r},${g},${b})`;
 
+// A number as a label: `digits` significant digits, no trailing zeros.
+export const fmt = (v, digits = 4) => String(Number(v.toPrecision(digits)));
+
 const tip = document.getElementById("tip");
 
 function showTip(item, text) {
@@ -108,4 +111,28 @@ export function colourBar(x, y, width, colour, low, high) {
   bar.append(el("text", { x: -4, y: 9, "text-anchor": "end", "font-size": 10 }, low),
              el("text", { x: width + 4, y: 9, "font-size": 10 }, high));
   return bar;
+}
+
+// A heatmap of `values` [rows][cols] on `svg`, its top-left corner at (x, y), cells `w` x `h`
+// filled with `fill(value)` (a CSS colour) and classed `cls`; row labels on the left, column
+// labels below (slanted when `rotate`: tokens), thinned out when cells are small. Returns the
+// cells in row-major order (for `readable`).
+export function heatmap(svg, values, { x, y, w, h, fill, cls, rowLabels, colLabels, rotate = false }) {
+  const g = el("g", { transform: `translate(${x} ${y})` });
+  const cells = [];
+  values.forEach((row, r) => row.forEach((v, c) => {
+    const cell = el("rect", { x: c * w, y: r * h, width: w - 1, height: h - 1, fill: fill(v), class: `cell ${cls}`,
+                              "data-row": r, "data-col": c });
+    g.append(cell);
+    cells.push(cell);
+  }));
+  const rowStep = Math.ceil(12 / h), colStep = rotate ? 1 : Math.ceil(24 / w);
+  rowLabels.forEach((label, r) => r % rowStep === 0 && g.append(
+    el("text", { x: -6, y: r * h + h / 2, "text-anchor": "end", "dominant-baseline": "middle", "font-size": 10 }, label)));
+  const below = values.length * h + 12;
+  colLabels.forEach((label, c) => c % colStep === 0 && g.append(rotate
+    ? el("text", { transform: `translate(${c * w + w / 2} ${below}) rotate(50)`, "font-size": 10 }, label)
+    : el("text", { x: c * w + w / 2, y: below, "text-anchor": "middle", "font-size": 10 }, label)));
+  svg.append(g);
+  return cells;
 }

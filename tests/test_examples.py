@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESPONSES = {"/tokenize": schemas.TokenizeResponse, "/trace": schemas.TraceResponse,
              "/predict": schemas.PredictResponse, "/attention": schemas.AttentionResponse,
              "/model": schemas.ModelInfo, "/ablate": AblateResponse, "/attribution_patch": AttributionPatchResponse}
-RESPONSES.update({path: openapi.POSTS[path][1] for path in ("/lens", "/score", "/dla")})
+RESPONSES.update({path: openapi.POSTS[path][1] for path in ("/lens", "/score", "/dla", "/patch", "/causal_trace")})
 JOB_RESULTS = {"/jobs/chg": ChgResult}
 
 
@@ -31,7 +31,13 @@ def test_example_matches_contract_and_records_its_model(client, name, path, body
     # the same request to today's server yields the same keys (a tiny model, so values differ)
     live = client.post(path, json=body) if body is not None else client.get(path)
     assert live.status_code == 200
-    assert set(live.get_json()) == set(data)
+    live = live.get_json()
+    # A causal answer carries `warning` exactly when its recovery is null (clean and corrupt metrics
+    # equal, as they can be on random weights), which depends on the model: compare the rest.
+    for answer in (data, live):
+        if "recovery" in answer:
+            assert ("warning" in answer) == (answer["recovery"] is None)
+    assert set(live) - {"warning"} == set(data) - {"warning"}
 
 
 @pytest.mark.parametrize("name,path,body", JOB_EXAMPLES, ids=[e[0] for e in JOB_EXAMPLES])
@@ -73,3 +79,7 @@ def test_api_md_curl_examples_answer(client, method, path, body, status):
     r = client.open(path, method=method, json=body)
     assert r.status_code == status, r.data[:300]
     assert r.is_json
+    if status == 202:
+        # Let the job finish here: the next test's app shares the model, and two apps' workers must
+        # never run it at once (a leftover job's hooks would act on the other's forward passes).
+        assert wait_job(client, r.get_json()["job"])["status"] == "done"

@@ -20,7 +20,8 @@ def error_outputs(nb: nbformat.NotebookNode) -> list[str]:
 def test_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
     assert {"tutorial-walkthrough.ipynb", "tokenization.ipynb", "embedding_extraction.ipynb",
-            "dimensionality_reduction.ipynb", "head_importance.ipynb", "logit_lens.ipynb"} <= names
+            "dimensionality_reduction.ipynb", "head_importance.ipynb", "logit_lens.ipynb",
+            "activation_patching.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -256,3 +256,69 @@ def test_dla_bars_and_head_heatmap(explorer, tiny_model):
     lo, hi = heat.images[0].get_clim()
     assert lo == -hi  # diverging around 0
     fig.savefig(io.BytesIO(), format="png")
+
+
+def test_patching_position_grid(api_client, tiny_model):
+    from model_utils import plot_patching
+
+    response = api_client.post("/patch", json={**PAIR, "site": "resid_pre"}).get_json()
+    fig = plot_patching(response)
+    ax = fig.axes[0]
+    (image,) = ax.images
+    np.testing.assert_allclose(image.get_array(), response["recovery"])
+    assert image.get_array().shape == (tiny_model.cfg.n_layers, len(response["tokens_clean"]))
+    lo, hi = image.get_clim()
+    assert lo == -hi and hi >= 1  # diverging around 0, full recovery inside the scale
+    labels = ax.get_xticklabels()
+    assert [t.get_text() for t in labels] == response["tokens_clean"]
+    differ = [i for i, (a, b) in enumerate(zip(response["tokens_clean"], response["tokens_corrupt"])) if a != b]
+    assert [i for i, t in enumerate(labels) if t.get_color() == "tab:red"] == differ != []
+    assert ax.get_title() == "resid_pre, denoise: logit(' Mary') - logit(' John')"
+    fig.savefig(io.BytesIO(), format="png")
+
+
+def test_patching_head_grids(api_client, tiny_model):
+    from model_utils import plot_patching
+
+    heads = api_client.post("/patch", json={**PAIR, "site": "heads", "direction": "noise"}).get_json()
+    image = plot_patching(heads).axes[0].images[0]
+    np.testing.assert_allclose(image.get_array(), heads["recovery"])
+    by_pos = api_client.post("/patch", json={**PAIR, "site": "heads_by_position"}).get_json()
+    recovery = np.asarray(by_pos["recovery"])
+    busiest = int(np.abs(recovery).sum(axis=(0, 1)).argmax())
+    ax = plot_patching(by_pos).axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), recovery[:, :, busiest])
+    assert f"at position {busiest}" in ax.get_title()
+    np.testing.assert_allclose(plot_patching(by_pos, 2).axes[0].images[0].get_array(), recovery[:, :, 2])
+    assert ax.images[0].get_array().shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
+    with pytest.raises(ValueError, match="position"):
+        plot_patching(heads, 2)
+
+
+def test_patching_without_recovery_draws_the_metric_change(api_client):
+    from model_utils import plot_patching
+
+    same = api_client.post("/patch", json={**PAIR, "corrupt": PAIR["clean"], "site": "mlp_out"}).get_json()
+    assert same["recovery"] is None and same["warning"]
+    fig = plot_patching(same)
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), np.asarray(same["effect"]) - same["corrupt_metric"])
+    assert fig.axes[1].get_ylabel() == "metric change"
+
+
+def test_causal_trace_three_panels(api_client, tiny_model):
+    from model_utils import plot_causal_trace
+
+    body = {"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower", "samples": 2}
+    traces = [api_client.post("/causal_trace", json={**body, "kind": kind}).get_json() for kind in ("resid", "mlp", "attn")]
+    fig = plot_causal_trace(traces)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 3
+    for ax, trace, cmap in zip(panels, traces, ("Purples", "Greens", "Reds")):
+        np.testing.assert_allclose(ax.images[0].get_array(), np.asarray(trace["scores"]).T)
+        assert ax.images[0].get_cmap().name == cmap
+        assert ax.get_title().startswith(f"restore {trace['kind']}")
+    starred = [i for i, t in enumerate(panels[0].get_yticklabels()) if t.get_text().endswith("*")]
+    assert starred == traces[0]["subject_positions"]
+    one = plot_causal_trace(traces[0])  # one response: one panel
+    assert len([ax for ax in one.axes if ax.images]) == 1
+    fig.savefig(io.BytesIO(), format="png")

@@ -525,3 +525,155 @@ def test_exports_of_grid_and_attribution(page, server, view, path, params, setup
     if view == "dla":
         params["position"] = len(api(server, "/tokenize", {"text": text})["tokens"]) - 1
     assert json.loads(saved["json"]) == api(server, path, {"text": text, **params})
+
+
+# --- Patching and causal tracing ------------------------------------------------------------------
+
+PATCH_BODY = {"clean": IOI_CLEAN, "corrupt": IOI_CORRUPT, "answer": " Mary", "distractor": " John"}
+FACT = {"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower"}
+
+
+def run_view(page, name: str) -> None:
+    """Press a view's Run and wait until its job ended and the figure is drawn."""
+    old = page.query_selector(f"#panel-{name} svg.figure")
+    with page.expect_response(lambda r: r.request.method == "POST" and r.status == 202):
+        page.click({"patching": "#patch-run", "tracing": "#trace-run"}[name])
+    if old is not None:
+        page.wait_for_function("old => !old.isConnected", arg=old)
+    page.locator(f"#panel-{name} svg.figure").wait_for(timeout=60_000)
+    page.wait_for_function(f"document.querySelector('#panel-{name}').getAttribute('aria-busy') === 'false'")
+
+
+def test_patching_resid_and_heads(page, server):
+    page.click("#tab-patching")
+    tokens = api(server, "/tokenize", {"text": IOI_CLEAN})["tokens"]
+    differ = [i for i, (a, b) in enumerate(zip(tokens, api(server, "/tokenize", {"text": IOI_CORRUPT})["tokens"]))
+              if a["token_id"] != b["token_id"]]
+    page.wait_for_function("document.querySelector('#patch-lengths').textContent.length > 0")
+    assert page.locator("#patch-lengths").inner_text().startswith(
+        f"{len(tokens)} tokens each; they differ at position {differ[0]}")
+    assert page.locator("#patch-pair td.differs").count() == 2 * len(differ)
+    assert "Press Run" in page.locator("#patch-status").inner_text()
+
+    panel = page.locator("#panel-patching")
+    polls = []
+    page.on("request", lambda r: "/jobs/" in r.url and r.method == "GET" and polls.append(r.url))
+    with page.expect_request("**/patch") as sent:
+        run_view(page, "patching")  # resid_pre, denoise: the defaults
+    assert sent.value.post_data_json == {**PATCH_BODY, "site": "resid_pre", "direction": "denoise", "async": True}
+    assert polls  # the bar is fed by GET /jobs/{id}
+    data = api(server, "/patch", {**PATCH_BODY, "site": "resid_pre"})
+    n_layers, seq = len(data["recovery"]), len(data["recovery"][0])
+    assert panel.locator("rect.patch-cell").count() == n_layers * seq
+    assert page.locator("#patch-progress").evaluate("p => p.value") == 1
+    assert page.locator("#patch-status").inner_text() == f"done: {data['cells_computed']} cells run"
+    cell = panel.locator(f'rect.patch-cell[data-row="{n_layers - 1}"][data-col="{seq - 1}"]')
+    tip = hover_text(page, cell)
+    assert tip.startswith(f"L{n_layers - 1} · #{seq - 1} {show_token(tokens[-1]['token_str'], 24)}")
+    rec, metric = numbers(tip.split(": ", 1)[1])
+    assert rec == pytest.approx(data["recovery"][-1][-1], rel=1e-3, abs=1e-6)
+    assert metric == pytest.approx(data["effect"][-1][-1], rel=1e-3)
+    # columns are the clean tokens; the differing positions are underlined
+    assert panel.locator("line.differs").count() == len(differ)
+    screenshot(page, "patching")
+
+    page.select_option("#patch-site", "heads")
+    page.select_option("#patch-direction", "noise")
+    run_view(page, "patching")
+    heads = api(server, "/patch", {**PATCH_BODY, "site": "heads", "direction": "noise"})
+    n_heads = len(heads["effect"][0])
+    assert panel.locator("rect.patch-cell").count() == n_layers * n_heads
+    tip = hover_text(page, panel.locator('rect.patch-cell[data-row="1"][data-col="2"]'))
+    assert tip.startswith("L1 H2: recovery")
+    assert numbers(tip.split(": ", 1)[1])[0] == pytest.approx(heads["recovery"][1][2], rel=1e-3, abs=1e-6)
+
+    page.select_option("#patch-site", "heads_by_position")
+    run_view(page, "patching")
+    by_pos = api(server, "/patch", {**PATCH_BODY, "site": "heads_by_position", "direction": "noise"})
+    assert page.locator("#patch-position").is_visible()
+    assert page.locator("#patch-position option").count() == seq
+    position = int(page.input_value("#patch-position"))
+    # the position shown first is the one where patching a head moves the metric most
+    totals = [sum(abs(by_pos["recovery"][l][h][p]) for l in range(n_layers) for h in range(n_heads)) for p in range(seq)]
+    assert position == totals.index(max(totals))
+    assert panel.locator("rect.patch-cell").count() == n_layers * n_heads
+    redraw(page, panel, lambda: page.select_option("#patch-position", str(differ[0])))
+    tip = hover_text(page, panel.locator('rect.patch-cell[data-row="2"][data-col="1"]'))
+    assert tip.startswith(f"L2 H1 at #{differ[0]}")
+    assert numbers(tip.split(": ", 1)[1])[0] == pytest.approx(by_pos["recovery"][2][1][differ[0]], rel=1e-3, abs=1e-6)
+    screenshot(page, "patching-heads-by-position")
+
+
+def test_patching_unequal_lengths_explained_and_refused(page, server):
+    page.click("#tab-patching")
+    corrupt = "When Mary went to the store, Mary gave a drink to"
+    page.fill("#patch-corrupt", corrupt)
+    a = api(server, "/tokenize", {"text": IOI_CLEAN})["tokens"]
+    b = api(server, "/tokenize", {"text": corrupt})["tokens"]
+    first = next(i for i, (x, y) in enumerate(zip(a, b)) if x["token_id"] != y["token_id"])
+    expected = f"clean has {len(a)} tokens, corrupt {len(b)}; first difference at position {first}"
+    page.wait_for_function("t => document.querySelector('#patch-lengths').textContent.startsWith(t)", arg=expected)
+    assert page.locator("#patch-pair tr").nth(2).locator("td").count() == len(a)  # the longer row sets the width
+    # sent anyway: the server's 400 shows in the page
+    message = server[1].post("/patch", json={**PATCH_BODY, "corrupt": corrupt, "site": "resid_pre"}).get_json()["error"]
+    page.click("#patch-run")
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    assert error.inner_text() == message and "same number of tokens" in message
+    assert page.locator("#panel-patching svg.figure").count() == 0
+    assert not page.locator("#patch-run").is_disabled()
+    assert page.locator("#patch-status").inner_text() == "failed: see the error above"
+    screenshot(page, "patching-error")
+
+
+def test_causal_tracing_three_panels(page, server):
+    page.click("#tab-tracing")
+    page.fill("#trace-samples", "3")
+    panel = page.locator("#panel-tracing")
+    run_view(page, "tracing")
+    answers = {kind: api(server, "/causal_trace", {**FACT, "kind": kind, "samples": 3}) for kind in ("resid", "mlp", "attn")}
+    resid = answers["resid"]
+    n_layers, seq = len(resid["scores"]), len(resid["tokens"])
+    for kind in answers:
+        assert panel.locator(f"rect.trace-{kind}").count() == n_layers * seq
+        assert panel.locator(f"rect.trace-{kind}[data-subject]").count() == n_layers * len(resid["subject_positions"])
+    assert panel.locator(".trace-title").count() == 3
+    assert page.locator("#trace-progress").evaluate("p => p.value") == 1
+    labels = [t for t in panel.locator("svg.figure text").all_text_contents() if t.startswith("*")]
+    assert labels == ["*" + show_token(resid["tokens"][p], 14) for p in resid["subject_positions"]]
+    p, l = resid["subject_positions"][-1], n_layers - 1
+    tip = hover_text(page, panel.locator(f'rect.trace-mlp[data-row="{p}"][data-col="{l}"]'))
+    mlp = answers["mlp"]
+    assert tip.startswith(f"mlp · layer {l} (layers ") and "(subject)" in tip
+    shown = float(re.search(r"\) = (\S+) \(clean", tip).group(1))
+    assert shown == pytest.approx(mlp["scores"][l][p], rel=5e-3)
+    screenshot(page, "tracing")
+
+
+@pytest.mark.parametrize("view", ["patching", "tracing"])
+def test_exports_of_causal_views(page, server, view):
+    page.click(f"#tab-{view}")
+    if view == "tracing":
+        page.fill("#trace-samples", "2")
+    run_view(page, view)
+    saved = download_exports(page, page.locator(f"#panel-{view}"), f"export-{view}")
+    if view == "patching":
+        assert json.loads(saved["json"]) == api(server, "/patch", {**PATCH_BODY, "site": "resid_pre"})
+    else:
+        assert json.loads(saved["json"]) == [api(server, "/causal_trace", {**FACT, "kind": k, "samples": 2})
+                                             for k in ("resid", "mlp", "attn")]
+
+
+def test_causal_tracing_error_is_shown(page, server):
+    page.click("#tab-tracing")
+    page.fill("#trace-subject", "Louvre")
+    message = server[1].post("/causal_trace", json={**FACT, "subject": "Louvre"}).get_json()["error"]
+    page.click("#trace-run")
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    assert error.inner_text() == message
+    assert page.locator("#panel-tracing svg.figure").count() == 0 and not page.locator("#trace-run").is_disabled()
+    page.fill("#trace-subject", FACT["subject"])
+    page.fill("#trace-samples", "1")
+    run_view(page, "tracing")  # the next good run clears it
+    assert error.is_hidden()
