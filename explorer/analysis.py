@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .engine import Run
+from .loading import execution_device
 
 ATTENTION_DECIMALS = 4  # patterns are cached as float16 (~3 significant digits) anyway
 PROBABILITY_DIGITS = 6  # significant digits: lens probabilities span many orders of magnitude
@@ -232,12 +233,18 @@ class Lens(NamedTuple):
     kl_to_final: np.ndarray
 
 
+def to_device_of(x: torch.Tensor, module: Any) -> torch.Tensor:
+    """`x` on the device `module` computes on (a model split over devices: `--device-map`)."""
+    return x.to(execution_device(module, x.device))
+
+
 def readout(bridge: Any, resid: torch.Tensor) -> torch.Tensor:
     """Logits of residual states [batch, pos, d_model] -> [batch, pos, d_vocab]: the final norm,
     the unembedding and the architecture's own output transform (Gemma's logit soft-capping),
     so the last layer's readout equals the model's output. The one place every lens, metric and
     patched run reads logits from."""
-    return bridge.adapter.apply_output_logits_transform(bridge.unembed(bridge.ln_final(resid)))
+    normed = bridge.ln_final(to_device_of(resid, bridge.ln_final))
+    return bridge.adapter.apply_output_logits_transform(bridge.unembed(to_device_of(normed, bridge.unembed)))
 
 
 def lens_logits(bridge: Any, run: Run, position: int) -> torch.Tensor:
