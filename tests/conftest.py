@@ -35,6 +35,14 @@ def tiny_model(tiny_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def other_model(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny GPT-2's shape with other random weights: a second model to serve beside it."""
+    path = tmp_path_factory.mktemp("tiny-gpt2-other")
+    random_gpt2(str(path), seed=99, **TINY).save_pretrained(path)
+    return load_model(str(path), device="cpu")
+
+
+@pytest.fixture(scope="session")
 def hf_model(tiny_dir: Path):
     from transformers import GPT2LMHeadModel
 

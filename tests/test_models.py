@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
-
 import pytest
 
 import app as app_module
 from app import create_app, parse_args
-from model_utils import load_model, random_gpt2
-from tests.conftest import EVERY_ENDPOINT, TEXT, TINY, answer, max_diff
-
-
-@pytest.fixture(scope="module")
-def other_model(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny GPT-2's shape with other random weights."""
-    path = tmp_path_factory.mktemp("tiny-gpt2-other")
-    random_gpt2(str(path), seed=99, **TINY).save_pretrained(path)
-    return load_model(str(path), device="cpu")
+from tests.conftest import EVERY_ENDPOINT, TEXT, answer, max_diff
 
 
 @pytest.fixture()
