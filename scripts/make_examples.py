@@ -1,4 +1,6 @@
-"""Regenerate examples/*.json from a running server: `python scripts/make_examples.py [URL]`.
+"""Regenerate examples/*.json from a running server: `python scripts/make_examples.py [URL [FILE ...]]`
+(every file, or only the named ones). example15 (GET /models) wants a server with two models:
+`python app.py --random-weights --model a --model b`.
 
 Each file is the server's exact response plus an `_example` field recording the request and the
 model that answered (frontends load these as mock data while the server is down).
@@ -28,6 +30,7 @@ EXAMPLES = [
     ("example10_lens.json", "/lens", {"text": TEXT, "target": " mat", "top_k": 3}),
     ("example11_score.json", "/score", {"texts": [TEXT, "The cat sat on the hat"], "temperature": 0.7, "top_k": 3}),
     ("example12_dla.json", "/dla", {"text": TEXT, "answer": " mat", "distractor": " floor"}),
+    ("example15_models.json", "/models", None),
 ]
 # Jobs: the file is the finished job (GET /jobs/{id}), the request the POST that started it.
 JOB_EXAMPLES = [
@@ -53,11 +56,13 @@ def finished_job(url: str, body: dict) -> dict:
     return state
 
 
-def main(base: str = "http://127.0.0.1:5001") -> None:
+def main(base: str = "http://127.0.0.1:5001", *only: str) -> None:
     model = fetch(base + "/model", None)
     made = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     examples = [(*e, fetch) for e in EXAMPLES] + [(*e, finished_job) for e in JOB_EXAMPLES]
     for name, path, body, get in examples:
+        if only and name not in only:
+            continue
         response = get(base + path, body)
         response["_example"] = {
             "request": {"method": "GET" if body is None else "POST", "path": path, "body": body},
