@@ -68,8 +68,10 @@ class ModelWorker:
     is waiting, one small job at a time, so it delays a request by at most one such job.
     """
 
-    def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+    def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE, lock: threading.Lock | None = None) -> None:
+        """`lock`: held around each job, shared by the workers of one model (default: its own)."""
         self.queue_size = queue_size
+        self._lock = lock if lock is not None else threading.Lock()
         self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
         self._idle: OrderedDict[Hashable, Callable[[], Any]] = OrderedDict()
         self._busy = False
@@ -136,7 +138,7 @@ class ModelWorker:
             if fut is not None and not fut.set_running_or_notify_cancel():
                 continue
             try:
-                with torch.inference_mode():
+                with self._lock, torch.inference_mode():
                     result = fn()
                 if fut is not None:
                     fut.set_result(result)

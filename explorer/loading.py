@@ -4,8 +4,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +31,9 @@ class LoadedModel:
     device: str
     dtype: str
     load_seconds: float
+    # Held while any worker runs this model: the bridge is not thread-safe, and one model may be
+    # served by several explorers (apps in tests, a renamed copy); `dataclasses.replace` keeps it.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def tokenizer(self) -> Any:

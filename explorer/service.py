@@ -51,7 +51,7 @@ class Explorer:
                  queue_size: int = DEFAULT_QUEUE_SIZE, budget: CacheBudget | None = None) -> None:
         """`budget`: a byte bound shared with other models' explorers (default: its own of `cache_bytes`)."""
         self.model = model
-        self.worker = ModelWorker(queue_size)
+        self.worker = ModelWorker(queue_size, model.lock)
         self.cache = ByteLRU(self.worker, cache_bytes, budget=budget)
         # HF fast tokenizers mutate their backend's padding/truncation state on every call.
         self._tokenizer_lock = threading.Lock()

@@ -119,3 +119,20 @@ def test_command_line_several_models(monkeypatch):
     monkeypatch.setattr(app_module, "load_model", lambda name, **kw: seen.append((name, kw["seed"])))
     app_module.load_models(["m0", "m1"], {**app_module.DEFAULTS, "RANDOM_WEIGHTS": True})
     assert seen == [("m0", 0), ("m1", 1)]  # random weights: model i gets seed i
+
+
+def test_one_model_in_two_apps_runs_one_job_at_a_time(tiny_model):
+    """The bridge is not thread-safe: explorers sharing a model (a renamed copy, several apps)
+    share its lock, so their workers never run it at once."""
+    first = create_app({"TESTING": True}, model=tiny_model)
+    second = create_app({"TESTING": True}, model={"renamed": tiny_model})
+    release = hold(first, tiny_model.name)
+    done: list[int] = []
+    waiting = threading.Thread(target=lambda: done.append(second.test_client().post(
+        "/predict", json={"text": "Shared model, one lock", "token_index": 1}).status_code))
+    waiting.start()
+    waiting.join(1.0)
+    assert not done  # the second app's worker waits for the first app's job
+    release.set()
+    waiting.join(30)
+    assert done == [200]
