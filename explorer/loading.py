@@ -200,6 +200,12 @@ def load_model(
                 os.path.expanduser(name), device=device, dtype=DTYPES[dtype])
             label = name
     except Exception as exc:  # anything from the hub, the filesystem or the architecture check
+        if device_map is not None and "offload targets with a GPU" in str(exc):
+            raise ModelLoadError(
+                f"Could not place {name!r} with --device-map: TransformerLens 4.3 refuses to mix GPU "
+                "layers with CPU or disk offload. Give the GPUs enough --max-memory to hold the whole "
+                "model (e.g. 0=40GiB,1=40GiB), use more GPUs, or hide the GPUs "
+                "(CUDA_VISIBLE_DEVICES=) to run from CPU memory and disk.") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
             f"Could not load the model {name!r} ({type(exc).__name__}: {first}). "

@@ -70,6 +70,14 @@ def test_model_endpoint_and_options():
         load_model("gpt2", device_map="auto", random_weights=True)
 
 
+def test_gpu_and_offload_mixed_is_refused_with_advice(tiny_dir: Path):
+    """TransformerLens 4.3 refuses GPU + CPU/disk maps (MIXED_OFFLOAD_GPU_ERROR) before loading,
+    even on a machine without a GPU; the error says what to do instead."""
+    mixed = {**SPLITS["cpu-then-disk"], "transformer.h.0": 0}
+    with pytest.raises(ModelLoadError, match="refuses to mix GPU layers with CPU or disk offload"):
+        load_model(str(tiny_dir), device_map=mixed)
+
+
 def test_auto_map_under_a_memory_budget(tiny_dir: Path, tmp_path: Path):
     """`--device-map auto --max-memory cpu=...` smaller than the model offloads the rest to disk."""
     model = load_model(str(tiny_dir), device_map="auto", max_memory={"cpu": "8MB"}, offload_dir=str(tmp_path))
