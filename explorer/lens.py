@@ -212,7 +212,7 @@ def decompose(bridge: Any, token_ids: Sequence[int], position: int) -> Decomposi
         if post is not None:
             lin, offset = frozen_norm(bridge, f"blocks.{l}.ln1_post", post,
                                       got[f"blocks.{l}.ln1_post.hook_scale"], torch.cat([per_head, b_o[None]]))
-            per_head, b_o = lin[:-1], lin[-1] + offset
+            per_head, b_o = lin[:-1].to(tokens.device), (lin[-1] + offset).to(tokens.device)
         attn.append(got[f"blocks.{l}.hook_attn_out"].to(f64))
         mlp.append(got[f"blocks.{l}.hook_mlp_out"].to(f64))
         bias.append(b_o)

@@ -230,5 +230,5 @@ def run_states(bridge: Any, blocks: Sequence[BlockInputs], states: torch.Tensor)
     states [rows, seq, d_model] -> [n_layers + 1, rows, seq, d_model]."""
     out = [states]
     for layer, inputs in enumerate(blocks):
-        out.append(_block(bridge, layer, out[-1], inputs))
+        out.append(_block(bridge, layer, out[-1], inputs).to(states.device))  # one device, to stack
     return torch.stack(out)
