@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -14,9 +15,10 @@ from werkzeug.exceptions import HTTPException
 
 from explorer import openapi, web
 from explorer.analysis import InvalidRequest
-from explorer.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, Overloaded, tune_allocator
+from explorer.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, CacheBudget, Overloaded, tune_allocator
 from explorer.jobs import JobManager
-from explorer.loading import LoadedModel, ModelLoadError, load_model, resolve_device, route_library_logs
+from explorer.loading import (DEVICE_MAPS, LoadedModel, ModelLoadError, load_model, parse_max_memory,
+                              resolve_device, route_library_logs)
 from explorer.service import Explorer, Models
 from explorer.web.common import UnsupportedType, error
 
@@ -27,10 +29,13 @@ DEFAULT_CORS_ORIGINS = [r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$", "
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 DEFAULTS: dict[str, Any] = {
-    "MODEL": "gpt2",
+    "MODEL": "gpt2",  # a name, a comma-separated list, or a list: several models, the first the default
     "RANDOM_WEIGHTS": False,
     "DEVICE": "auto",
     "DTYPE": "float32",
+    "DEVICE_MAP": None,  # "auto" | "balanced" | "sequential" | {module: device}: Accelerate placement
+    "MAX_MEMORY": None,  # {0: "20GiB", "cpu": "64GiB"}
+    "OFFLOAD_DIR": None,
     "CORS_ORIGINS": DEFAULT_CORS_ORIGINS,
     "MAX_CONTENT_LENGTH": 1 << 20,  # request bodies; larger ones get 413 before parsing
     "MAX_RESPONSE_BYTES": 100 << 20,
@@ -47,20 +52,35 @@ def host_name(host: str) -> str:
     return host.rsplit(":", 1)[0]
 
 
+def model_names(spec: str | Sequence[str]) -> list[str]:
+    """`--model` values (repeated, or comma-separated as in EXPLORER_MODEL) -> names, in order."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    return [name.strip() for part in parts for name in part.split(",") if name.strip()]
+
+
+def load_models(names: Sequence[str], config: dict[str, Any]) -> list[LoadedModel]:
+    """Load every model `config` names; with random weights, model i gets seed i."""
+    return [load_model(name, random_weights=config["RANDOM_WEIGHTS"], seed=i, device=config["DEVICE"],
+                       dtype=config["DTYPE"], device_map=config["DEVICE_MAP"], max_memory=config["MAX_MEMORY"],
+                       offload_dir=config["OFFLOAD_DIR"])
+            for i, name in enumerate(names)]
+
+
 def create_app(config: dict[str, Any] | None = None,
-               model: LoadedModel | Sequence[LoadedModel] | None = None) -> Flask:
-    """Build the app. `model` (one, or several: the first is the default) is injected by tests;
-    otherwise `config["MODEL"]` is loaded."""
+               model: LoadedModel | Sequence[LoadedModel] | dict[str, LoadedModel] | None = None) -> Flask:
+    """Build the app. `model` is injected by tests: one, several (the first is the default), or
+    {name: model} (requests name them by these keys); otherwise `config["MODEL"]` is loaded."""
     app = Flask(__name__, static_folder="static")  # the viewer: GET / and /static/*
     app.config.update(DEFAULTS)
     app.config.update(config or {})
     app.json.sort_keys = False
     if model is None:
-        model = load_model(app.config["MODEL"], random_weights=app.config["RANDOM_WEIGHTS"],
-                           device=app.config["DEVICE"], dtype=app.config["DTYPE"])
+        model = load_models(model_names(app.config["MODEL"]), app.config)
+    if isinstance(model, dict):
+        model = [dataclasses.replace(m, name=name) for name, m in model.items()]
     loaded = [model] if isinstance(model, LoadedModel) else list(model)
-    models = Models([Explorer(m, cache_bytes=app.config["CACHE_BYTES"], queue_size=app.config["QUEUE_SIZE"])
-                     for m in loaded])
+    budget = CacheBudget(app.config["CACHE_BYTES"])  # one bound for all models' caches
+    models = Models([Explorer(m, queue_size=app.config["QUEUE_SIZE"], budget=budget) for m in loaded])
     app.extensions["models"] = models
     app.extensions["explorer"] = models.default
     app.extensions["jobs"] = JobManager()
@@ -121,14 +141,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(description="Serve a language model's internals as a JSON API. "
                                 "Every flag has an environment-variable twin (shown in brackets).")
-    p.add_argument("--model", default=env("EXPLORER_MODEL", "gpt2"),
-                   help="Hugging Face model name or save_pretrained directory [EXPLORER_MODEL] (default gpt2)")
+    p.add_argument("--model", action="append",
+                   help="Hugging Face model name or save_pretrained directory; repeat it to serve several "
+                        "models (the first is the default; requests pick one with \"model\") "
+                        "[EXPLORER_MODEL, comma-separated] (default gpt2)")
     p.add_argument("--random-weights", action="store_true",
                    default=env("EXPLORER_RANDOM_WEIGHTS", "").lower() in {"1", "true", "yes"},
-                   help="GPT-2-small shape with seeded random weights and the real GPT-2 tokenizer; "
-                        "needs no download [EXPLORER_RANDOM_WEIGHTS=1]")
+                   help="GPT-2-small shape with seeded random weights (model i: seed i) and the real GPT-2 "
+                        "tokenizer; needs no download [EXPLORER_RANDOM_WEIGHTS=1]")
     p.add_argument("--device", default=env("EXPLORER_DEVICE", "auto"),
                    help="cpu, cuda, cuda:N or auto [EXPLORER_DEVICE] (default auto)")
+    p.add_argument("--device-map", default=env("EXPLORER_DEVICE_MAP"), choices=DEVICE_MAPS,
+                   help="spread a model too large for one device over GPUs, CPU memory and disk "
+                        "(Accelerate; replaces --device) [EXPLORER_DEVICE_MAP]")
+    p.add_argument("--max-memory", default=env("EXPLORER_MAX_MEMORY"),
+                   help="per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB [EXPLORER_MAX_MEMORY]")
+    p.add_argument("--offload-dir", default=env("EXPLORER_OFFLOAD_DIR"),
+                   help="directory for weights --device-map offloads to disk [EXPLORER_OFFLOAD_DIR]")
     p.add_argument("--dtype", default=env("EXPLORER_DTYPE", "float32"),
                    choices=["float32", "bfloat16", "float16"], help="[EXPLORER_DTYPE] (default float32)")
     p.add_argument("--host", default=env("EXPLORER_HOST", "127.0.0.1"), help="[EXPLORER_HOST] (default 127.0.0.1)")
@@ -140,7 +169,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="activation cache bound in MiB [EXPLORER_CACHE_MB] (default %(default)s)")
     p.add_argument("--threads", type=int, default=int(env("EXPLORER_THREADS", "8")),
                    help="HTTP worker threads [EXPLORER_THREADS] (default 8)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.model = model_names(args.model or env("EXPLORER_MODEL", "gpt2"))
+    if len(set(args.model)) != len(args.model):
+        p.error(f"--model names a model twice: {', '.join(args.model)}")
+    return args
 
 
 def is_loopback(host: str) -> bool:
@@ -163,25 +196,29 @@ def main(argv: list[str] | None = None) -> int:
     if not loopback:
         log.warning("Binding to %s: anyone who can reach this address can use the API. "
                     "Use the default --host 127.0.0.1 unless you mean to share it.", args.host)
-    log.info("Loading %s on %s ...", "random GPT-2 weights" if args.random_weights else args.model,
-             resolve_device(args.device))
+    log.info("Loading %s on %s ...", "random GPT-2 weights" if args.random_weights else ", ".join(args.model),
+             args.device_map or resolve_device(args.device))
+    config: dict[str, Any] = {"RANDOM_WEIGHTS": args.random_weights, "DEVICE": args.device, "DTYPE": args.dtype,
+                              "DEVICE_MAP": args.device_map, "OFFLOAD_DIR": args.offload_dir,
+                              "CACHE_BYTES": args.cache_mb << 20, "CHECK_HOST": loopback}
     try:
-        model = load_model(args.model, random_weights=args.random_weights, device=args.device, dtype=args.dtype)
+        config["MAX_MEMORY"] = parse_max_memory(args.max_memory) if args.max_memory else None
+        models = load_models(args.model, config)
     except ModelLoadError as exc:
         print(f"\nerror: {exc}\n", file=sys.stderr)
         return 1
-    cfg = model.cfg
-    weights = {"random": "RANDOM weights: predictions are meaningless", "pretrained": "pretrained weights",
-               "local": f"weights from {model.path}"}[model.weights]
-    log.info("Loaded %s (%s, %s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
-             "vocab %d, n_ctx %d", model.name, model.family, weights, model.device, model.dtype,
-             model.load_seconds, cfg.n_layers, cfg.n_heads, cfg.d_model,
-             cfg.d_vocab, cfg.n_ctx)
-    config: dict[str, Any] = {"CACHE_BYTES": args.cache_mb << 20, "CHECK_HOST": loopback}
+    for model in models:
+        cfg = model.cfg
+        weights = {"random": "RANDOM weights: predictions are meaningless", "pretrained": "pretrained weights",
+                   "local": f"weights from {model.path}"}[model.weights]
+        log.info("Loaded %s (%s, %s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
+                 "vocab %d, n_ctx %d", model.name, model.family, weights, model.device, model.dtype,
+                 model.load_seconds, cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_vocab, cfg.n_ctx)
     if args.cors_origins:
         config["CORS_ORIGINS"] = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
-    app = create_app(config, model=model)
-    app.extensions["explorer"].vocab_strs  # decode the vocabulary now, not on the first /predict
+    app = create_app(config, model=models)
+    for ex in app.extensions["models"].by_name.values():
+        ex.vocab_strs  # decode the vocabularies now, not on the first /predict
     from waitress import serve
     log.info("Ready %.1f s after start", time.perf_counter() - START)
     serve(app, host=args.host, port=args.port, threads=args.threads, ident="explorer")

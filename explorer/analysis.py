@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .engine import Run
+from .loading import execution_device
 
 ATTENTION_DIGITS = 4  # significant digits: float16 holds ~3.3, so the 4th adds at most 5e-4 relative
 PROBABILITY_DIGITS = 6  # significant digits: lens probabilities span many orders of magnitude
@@ -291,6 +292,11 @@ class Lens(NamedTuple):
     kl_to_final: np.ndarray
 
 
+def to_device_of(x: torch.Tensor, module: Any) -> torch.Tensor:
+    """`x` on the device `module` computes on (a model split over devices: `--device-map`)."""
+    return x.to(execution_device(module, x.device))
+
+
 def readout(bridge: Any, resid: torch.Tensor) -> torch.Tensor:
     """Logits of residual states [batch, pos, d_model] -> [batch, pos, d_vocab]: the final norm,
     the unembedding and the architecture's own output transform (Gemma's logit soft-capping),
@@ -299,8 +305,9 @@ def readout(bridge: Any, resid: torch.Tensor) -> torch.Tensor:
     every lens, metric and patched run reads logits from."""
     mlm_head = getattr(bridge, "mlm_head", None)
     if mlm_head is not None:
-        resid = _activation(bridge.cfg.act_fn)(mlm_head(resid))
-    return bridge.adapter.apply_output_logits_transform(bridge.unembed(bridge.ln_final(resid)))
+        resid = _activation(bridge.cfg.act_fn)(mlm_head(to_device_of(resid, mlm_head)))
+    normed = bridge.ln_final(to_device_of(resid, bridge.ln_final))
+    return bridge.adapter.apply_output_logits_transform(bridge.unembed(to_device_of(normed, bridge.unembed)))
 
 
 @functools.cache

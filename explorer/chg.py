@@ -118,7 +118,7 @@ def nll_sum(bridge: Any, tokens: torch.Tensor, last: torch.Tensor, answers: Sequ
 
     hooks = [(f"blocks.{n_layers - 1}.hook_resid_post", stop)]
     if gates is not None:  # z: [batch, pos, n_heads, d_head]
-        hooks += [(replay.SITE_HOOKS["z"].format(l), lambda z, hook, g=gates[l]: z * g.to(z.dtype)[:, None])
+        hooks += [(replay.SITE_HOOKS["z"].format(l), lambda z, hook, g=gates[l]: z * g.to(z.device, z.dtype)[:, None])
                   for l in range(n_layers)]
     try:
         with bridge.hooks(fwd_hooks=hooks):

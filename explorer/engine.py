@@ -69,8 +69,10 @@ class ModelWorker:
     is waiting, one small job at a time, so it delays a request by at most one such job.
     """
 
-    def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+    def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE, lock: threading.Lock | None = None) -> None:
+        """`lock`: held around each job, shared by the workers of one model (default: its own)."""
         self.queue_size = queue_size
+        self._lock = lock if lock is not None else threading.Lock()
         self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
         self._idle: OrderedDict[Hashable, Callable[[], Any]] = OrderedDict()
         self._busy = False
@@ -137,7 +139,7 @@ class ModelWorker:
             if fut is not None and not fut.set_running_or_notify_cancel():
                 continue
             try:
-                with torch.inference_mode():
+                with self._lock, torch.inference_mode():
                     result = fn()
                 if fut is not None:
                     fut.set_result(result)
@@ -152,23 +154,39 @@ _WORKERS: "weakref.WeakSet[ModelWorker]" = weakref.WeakSet()
 atexit.register(lambda: [worker.close() for worker in list(_WORKERS)])
 
 
+class CacheBudget:
+    """One byte bound and one LRU order shared by several caches (one per loaded model).
+
+    Its lock is every member cache's lock, so a store that pushes the total over the bound can
+    evict the least recently used item of any model without lock-ordering problems.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.lock = threading.Lock()
+        # (cache id, key) -> cache, least recently used first
+        self.order: OrderedDict[tuple[int, Hashable], "ByteLRU"] = OrderedDict()
+
+
 class ByteLRU:
     """LRU cache bounded by the bytes of its values, with single-flight computation.
 
     `get_or_compute(key, fn)` returns the cached value, or joins the in-flight computation of
     the same key, or submits `fn` to the worker. A value larger than the whole bound is returned
-    but not kept.
+    but not kept. Caches given the same `budget` share one bound and one LRU order (one server,
+    several models); by default a cache has its own.
     """
 
     def __init__(self, worker: ModelWorker, max_bytes: int = DEFAULT_CACHE_BYTES,
-                 wait_seconds: float = DEFAULT_WAIT_SECONDS) -> None:
+                 wait_seconds: float = DEFAULT_WAIT_SECONDS, budget: CacheBudget | None = None) -> None:
         self.worker = worker
-        self.max_bytes = max_bytes
+        self.budget = budget if budget is not None else CacheBudget(max_bytes)
         self.wait_seconds = wait_seconds
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._items: dict[Hashable, Any] = {}
         self._inflight: dict[Hashable, Future] = {}
-        self._lock = threading.Lock()
-        self.bytes = 0
+        self._lock = self.budget.lock
+        self.bytes = 0  # this cache's share of budget.bytes
         self.hits = 0
         self.misses = 0
         self.computations = 0
@@ -179,16 +197,12 @@ class ByteLRU:
         if self.worker.on_worker():
             with self._lock:
                 if key in self._items:
-                    self._items.move_to_end(key)
-                    self.hits += 1
-                    return self._items[key]
+                    return self._hit(key)
                 self.misses += 1
             return self._compute(key, fn)
         with self._lock:
             if key in self._items:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return self._items[key]
+                return self._hit(key)
             self.misses += 1
             fut = self._inflight.get(key)
             if fut is None:
@@ -198,6 +212,16 @@ class ByteLRU:
             return fut.result(timeout=self.wait_seconds)
         except TimeoutError:
             raise Overloaded(f"the model did not answer within {self.wait_seconds:.0f} s; retry later", 5) from None
+
+    @property
+    def max_bytes(self) -> int:
+        return self.budget.max_bytes
+
+    def _hit(self, key: Hashable) -> Any:
+        """A cached value, marked most recently used (call under the lock)."""
+        self.budget.order.move_to_end((id(self), key))
+        self.hits += 1
+        return self._items[key]
 
     def get(self, key: Hashable) -> Any | None:
         """The cached value, or None; does not count as a hit or change the LRU order."""
@@ -223,14 +247,23 @@ class ByteLRU:
 
     def _store(self, key: Hashable, value: Any) -> None:
         size = nbytes_of(value)
+        budget = self.budget
         with self._lock:
-            if size > self.max_bytes or key in self._items:
+            if size > budget.max_bytes or key in self._items:
                 return
             self._items[key] = value
             self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self.bytes -= nbytes_of(old)
+            budget.bytes += size
+            budget.order[(id(self), key)] = self
+            while budget.bytes > budget.max_bytes:
+                (_, old_key), owner = budget.order.popitem(last=False)
+                owner._drop(old_key)
+
+    def _drop(self, key: Hashable) -> None:
+        """Forget one item (call under the lock)."""
+        n = nbytes_of(self._items.pop(key))
+        self.bytes -= n
+        self.budget.bytes -= n
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -239,8 +272,9 @@ class ByteLRU:
 
     def clear(self) -> None:
         with self._lock:
-            self._items.clear()
-            self.bytes = 0
+            for key in list(self._items):
+                del self.budget.order[(id(self), key)]
+                self._drop(key)
 
 
 def tune_allocator() -> bool:

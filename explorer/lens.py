@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import torch
+from transformer_lens.model_bridge.generalized_components.base import align_offloaded_subtree
 
 from . import analysis
 from .analysis import PROBABILITY_DIGITS, InvalidRequest, Lens, StopForward, check_index, significant
@@ -123,9 +124,10 @@ def frozen_norm(bridge: Any, name: str, module: Any, scale: torch.Tensor,
     the sum. `name` is the norm's hook prefix (`ln_final`, `blocks.3.ln1_post`), `scale` its
     `hook_scale` value for the actual input. The offset (the norm's bias) is its output at 0.
     """
+    rows = analysis.to_device_of(rows, module)
     zero = torch.zeros(1, rows.shape[-1], dtype=rows.dtype, device=rows.device)
     with warnings.catch_warnings(), bridge.hooks(fwd_hooks=[
-            (f"{name}.hook_scale", lambda t, hook: scale.to(t.dtype).expand_as(t))]):
+            (f"{name}.hook_scale", lambda t, hook: scale.to(t.device, t.dtype).expand_as(t))]):
         warnings.filterwarnings("ignore", message=_FROZEN_SCALE_WARNING)
         out = module(torch.cat([rows, zero]))
     return out[:-1] - out[-1], out[-1]
@@ -135,7 +137,7 @@ def norm_scale(bridge: Any, name: str, module: Any, x: torch.Tensor) -> torch.Te
     """The `hook_scale` value the norm `module` (hook prefix `name`) computes for x [1, d_model]."""
     got: list[torch.Tensor] = []
     with bridge.hooks(fwd_hooks=[(f"{name}.hook_scale", lambda t, hook: got.append(t.detach().clone()))]):
-        module(x)
+        module(analysis.to_device_of(x, module))
     return got[0]
 
 
@@ -181,7 +183,7 @@ def decompose(bridge: Any, token_ids: Sequence[int], position: int) -> Decomposi
 
     def keep(name: str):
         def hook(tensor: torch.Tensor, hook: Any) -> None:
-            got[name] = tensor[0, position].detach().clone()
+            got[name] = tensor[0, position].detach().to(tokens.device, copy=True)  # one device, to stack
             if name == last:
                 raise StopForward
         return hook
@@ -200,15 +202,17 @@ def decompose(bridge: Any, token_ids: Sequence[int], position: int) -> Decomposi
     for l in range(n_layers):
         block = bridge.blocks[l]
         z = got[f"blocks.{l}.attn.hook_z"].to(f64)  # [n_heads, d_head]: per query head
-        w_o = block.attn.W_O.to(f64).reshape(z.shape[0], z.shape[1], -1)  # [n_heads, d_head, d_model]
-        b_o = block.attn.b_O
+        with align_offloaded_subtree(block.attn):  # weights offloaded by --device-map, loaded for this read
+            w_o = block.attn.W_O.to(z.device, f64).reshape(z.shape[0], z.shape[1], -1)  # [n_heads, d_head, d_model]
+            b_o = block.attn.b_O
+            b_o = None if b_o is None else b_o.to(z.device, f64)
         per_head = torch.einsum("hd,hdm->hm", z, w_o)
-        b_o = torch.zeros_like(per_head[0]) if b_o is None else b_o.to(f64)
+        b_o = torch.zeros_like(per_head[0]) if b_o is None else b_o
         post = _post_attention_norm(block)
         if post is not None:
             lin, offset = frozen_norm(bridge, f"blocks.{l}.ln1_post", post,
                                       got[f"blocks.{l}.ln1_post.hook_scale"], torch.cat([per_head, b_o[None]]))
-            per_head, b_o = lin[:-1], lin[-1] + offset
+            per_head, b_o = lin[:-1].to(tokens.device), (lin[-1] + offset).to(tokens.device)
         attn.append(got[f"blocks.{l}.hook_attn_out"].to(f64))
         mlp.append(got[f"blocks.{l}.hook_mlp_out"].to(f64))
         bias.append(b_o)
@@ -238,9 +242,10 @@ def attribute(bridge: Any, parts: Decomposition, target: Target) -> Attribution:
     logit): its frozen-norm reading dotted with the metric's unembedding direction. `bias` is what
     the final norm's bias and the unembedding bias add; `total` = embed + attn + mlp + bias (the
     pre-soft-cap metric); `model_metric` is the metric of the model's own output logits."""
-    direction = target.direction(bridge.W_U).to(torch.float64)
+    with align_offloaded_subtree(bridge.unembed):  # weights offloaded by --device-map, loaded for this read
+        direction = target.direction(bridge.W_U).to(parts.rows.device, torch.float64)
     values = (parts.rows @ direction).cpu().numpy()
-    zero = torch.zeros(1, 1, parts.rows.shape[-1], dtype=bridge.cfg.dtype, device=parts.resid.device)
+    zero = analysis.to_device_of(torch.zeros(1, 1, parts.rows.shape[-1], dtype=bridge.cfg.dtype), bridge.unembed)
     unembed_bias = float(target.linear_metric(bridge.unembed(zero))[0, 0])
     bias = float(parts.offset @ direction) + unembed_bias
     n, h = parts.n_layers, parts.n_heads

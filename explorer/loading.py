@@ -9,7 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -51,6 +51,9 @@ class LoadedModel:
     dtype: str
     load_seconds: float
     path: str | None = None  # the directory of "local" weights
+    # Held while any worker runs this model: the bridge is not thread-safe, and one model may be
+    # served by several explorers (apps in tests, a renamed copy); `dataclasses.replace` keeps it.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def tokenizer(self) -> Any:
@@ -264,6 +267,44 @@ def needs_token(exc: BaseException) -> bool:
     return False
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = str | dict[str, str | int]
+
+
+def parse_max_memory(spec: str) -> dict[int | str, str]:
+    """`--max-memory "0=20GiB,1=20GiB,cpu=64GiB"` -> Accelerate's `max_memory` ({0: "20GiB", ...})."""
+    out: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, size = part.partition("=")
+        key, size = key.strip(), size.strip()
+        if not sep or not key or not size:
+            raise ModelLoadError(f"--max-memory entries look like 0=20GiB or cpu=64GiB, got {part!r}.")
+        out[int(key) if key.isdigit() else key] = size
+    return out
+
+
+def placement(hf_device_map: dict[str, str | int]) -> str:
+    """Where a dispatched model's weights live, in order of first use: "cpu+disk", "cuda:0+cpu"."""
+    seen: dict[str, None] = {}
+    for where in hf_device_map.values():
+        seen[f"cuda:{where}" if isinstance(where, int) else str(where)] = None
+    return "+".join(seen)
+
+
+def execution_device(module: Any, default: Any) -> torch.device:
+    """The device `module` computes on: Accelerate's hook's execution device when it is
+    dispatched (its weights may be offloaded to "meta" placeholders), else its first real
+    parameter's device, else `default`."""
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+        for p in m.parameters(recurse=False):
+            if p.device.type != "meta":
+                return p.device
+    return torch.device(default)
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -276,12 +317,24 @@ def load_model(
     random_weights: bool = False,
     device: str = "auto",
     dtype: str = "float32",
+    seed: int = RANDOM_SEED,
+    device_map: DeviceMap | None = None,
+    max_memory: dict[int | str, str] | None = None,
+    offload_dir: str | None = None,
 ) -> LoadedModel:
     """Load `name` (hub name or `save_pretrained` directory), or seeded random GPT-2-small weights.
 
+    `device_map` ("auto", "balanced", "sequential" or an explicit {module: device} dict),
+    `max_memory` and `offload_dir` spread a model too large for one device over several
+    devices, CPU memory and disk (Accelerate); `device` is then ignored.
     Raises `ModelLoadError` with an explanation a user can act on.
     """
     device = resolve_device(device)
+    if device_map is not None and random_weights:
+        raise ModelLoadError("--device-map loads weights from a model directory or the hub; "
+                             "--random-weights builds a small model in memory and needs none.")
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ModelLoadError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}.")
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -310,16 +363,28 @@ def load_model(
         if random_weights:
             with tempfile.TemporaryDirectory(prefix="explorer-random-") as tmp:
                 # boot_transformers leaves a given hf_model where it is: move it ourselves
-                hf_model = random_gpt2(tmp).to(device=device, dtype=DTYPES[dtype])
+                hf_model = random_gpt2(tmp, seed=seed).to(device=device, dtype=DTYPES[dtype])
                 bridge = TransformerBridge.boot_transformers(
                     tmp, device=device, dtype=DTYPES[dtype], hf_model=hf_model
                 )
-            label = f"gpt2-random-seed{RANDOM_SEED}"
+            label = f"gpt2-random-seed{seed}"
+        elif device_map is not None:
+            with offline:
+                bridge = TransformerBridge.boot_transformers(
+                    path or name, dtype=DTYPES[dtype], device_map=device_map,
+                    max_memory=max_memory, offload_folder=offload_dir)
+            label = name
         else:
             with offline:
                 bridge = TransformerBridge.boot_transformers(path or name, device=device, dtype=DTYPES[dtype])
             label = name
     except Exception as exc:  # anything from the hub, the filesystem or the architecture check
+        if device_map is not None and "offload targets with a GPU" in str(exc):
+            raise ModelLoadError(
+                f"Could not place {name!r} with --device-map: TransformerLens 4.3 refuses to mix GPU "
+                "layers with CPU or disk offload. Give the GPUs enough --max-memory to hold the whole "
+                "model (e.g. 0=40GiB,1=40GiB), use more GPUs, or hide the GPUs "
+                "(CUDA_VISIBLE_DEVICES=) to run from CPU memory and disk.") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if needs_token(exc):
             raise ModelLoadError(
@@ -334,6 +399,11 @@ def load_model(
     bridge.eval()
     if bridge.tokenizer is None:
         raise ModelLoadError(f"The model {name!r} has no tokenizer; the API needs one.")
+    hf_device_map = getattr(bridge.original_model, "hf_device_map", None)
+    if hf_device_map:
+        device = placement(hf_device_map)
+        # Inputs go where the embedding computes, even when its weights are offloaded ("meta").
+        bridge.cfg.device = str(execution_device(bridge.original_model.get_input_embeddings(), "cpu"))
     return LoadedModel(
         bridge=bridge,
         name=label,

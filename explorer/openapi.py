@@ -29,7 +29,7 @@ ASYNC: set[str] = set()  # POST paths that answer 202 with a job id when the bod
 JOB_POSTS: set[str] = set()  # POST paths that always start a job: 202 with its id, never 200
 GETS: dict[str, tuple[type[BaseModel], str]] = {
     "/health": (schemas.Health, "Liveness; answers at once even while the model is busy."),
-    "/model": (schemas.ModelInfo, "The default model's name, family, sizes and BOS convention."),
+    "/model": (schemas.ModelInfo, "The default model's (or, with ?model=NAME, that model's) name, family, sizes and BOS convention."),
     "/models": (schemas.ModelsResponse, "Every loaded model; requests choose one with their `model` field."),
 }
 ERRORS = {
@@ -96,6 +96,9 @@ def build(info: dict[str, Any], version: str = "1.1.0") -> dict[str, Any]:
     for path, (resp, summary) in GETS.items():
         paths[path] = {"get": {"operationId": path.strip("/"), "summary": summary,
                                "responses": responses(resp, [])}}
+    paths["/model"]["get"]["parameters"] = [{"name": "model", "in": "query", "required": False,
+                                             "schema": {"type": "string"}, "description": "A loaded model's name."}]
+    paths["/model"]["get"]["responses"] = responses(schemas.ModelInfo, ["400"])
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     paths["/jobs/{job_id}"] = {
         "get": {"operationId": "get_job", "summary": "A job's status, progress and (once done) result.",

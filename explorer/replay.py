@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .analysis import StopForward, readout
+from .analysis import StopForward, readout, to_device_of
 
 
 @dataclass
@@ -80,7 +80,7 @@ def capture(bridge: Any, token_ids: Sequence[int]) -> Acts:
 
     def keep(name: str):
         def hook(tensor: torch.Tensor, hook: Any) -> None:
-            got[name] = tensor[0].detach().clone()
+            got[name] = tensor[0].detach().to(tokens.device, copy=True)  # one device, to stack
             if name == last:
                 raise StopForward
         return hook
@@ -152,6 +152,7 @@ class Edit:
 
 
 def _block(bridge: Any, layer: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+    hidden = to_device_of(hidden, bridge.blocks[layer])
     if inputs.hidden_in_kwargs:
         out = bridge.blocks[layer](hidden_states=hidden, **inputs.kwargs)
     else:
@@ -229,5 +230,5 @@ def run_states(bridge: Any, blocks: Sequence[BlockInputs], states: torch.Tensor)
     states [rows, seq, d_model] -> [n_layers + 1, rows, seq, d_model]."""
     out = [states]
     for layer, inputs in enumerate(blocks):
-        out.append(_block(bridge, layer, out[-1], inputs))
+        out.append(_block(bridge, layer, out[-1], inputs).to(states.device))  # one device, to stack
     return torch.stack(out)

@@ -157,11 +157,18 @@ class CacheStats(BaseModel):
     computations: int = Field(description="Items computed for requests (prefetch not counted).")
 
 
+class ModelHealth(BaseModel):
+    queue: int = Field(description="Requests waiting for this model's worker.")
+    cache: CacheStats = Field(description="This model's cache; max_bytes is the bound all models share.")
+
+
 class Health(BaseModel):
     status: str
-    model: str
-    queue: int = Field(description="Model requests waiting for the worker.")
+    model: str = Field(description="The default model.")
+    queue: int = Field(description="Model requests waiting for the (default model's) worker.")
     cache: CacheStats
+    models: Optional[dict[str, ModelHealth]] = Field(default=None, description=(
+        "Only when several models are loaded: each one's queue and cache, by name."))
 
 
 class ModelsResponse(BaseModel):

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from . import analysis, lens, replay
 from .analysis import InvalidRequest
-from .engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, ByteLRU, ModelWorker, Run
+from .engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, ByteLRU, CacheBudget, ModelWorker, Run
 from .loading import LoadedModel
 from .targets import Target, TokenSpec, parse_target
 
@@ -19,8 +19,9 @@ PREFETCH_POSITIONS = 64
 
 
 class Models:
-    """The loaded models by name, each with its own explorer (worker and cache); the first is the
-    default for requests that name none."""
+    """The loaded models by name, each with its own explorer: its own worker thread, so a slow
+    request on one model never waits for another model's work, and its own cache, all caches
+    sharing one byte bound (`CacheBudget`). The first is the default for requests that name none."""
 
     def __init__(self, explorers: Sequence["Explorer"]) -> None:
         if not explorers:
@@ -47,10 +48,11 @@ class Explorer:
     """Everything the endpoints need; every method is safe to call from many request threads."""
 
     def __init__(self, model: LoadedModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+                 queue_size: int = DEFAULT_QUEUE_SIZE, budget: CacheBudget | None = None) -> None:
+        """`budget`: a byte bound shared with other models' explorers (default: its own of `cache_bytes`)."""
         self.model = model
-        self.worker = ModelWorker(queue_size)
-        self.cache = ByteLRU(self.worker, cache_bytes)
+        self.worker = ModelWorker(queue_size, model.lock)
+        self.cache = ByteLRU(self.worker, cache_bytes, budget=budget)
         # HF fast tokenizers mutate their backend's padding/truncation state on every call.
         self._tokenizer_lock = threading.Lock()
         self.tokens = functools.lru_cache(maxsize=TOKENIZE_CACHE_ENTRIES)(self._tokens)

@@ -1,5 +1,6 @@
 """Regenerate examples/*.json from a running server: `python scripts/make_examples.py [URL [FILE ...]]`
-(FILE names, e.g. example6_model.json: only those; default every example).
+(FILE names, e.g. example6_model.json: only those; default every example). example15 (GET /models)
+wants a server with two models: `python app.py --random-weights --model a --model b`.
 
 Each file is the server's exact response plus an `_example` field recording the request and the
 model that answered (frontends load these as mock data while the server is down).
@@ -34,6 +35,7 @@ EXAMPLES = [
     ("example14_causal_trace.json", "/causal_trace",
      {"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower", "answer": " Paris", "kind": "mlp",
       "samples": 4}),
+    ("example15_models.json", "/models", None),
 ]
 # Jobs: the file is the finished job (GET /jobs/{id}), the request the POST that started it.
 JOB_EXAMPLES = [

@@ -9,11 +9,16 @@ export class ApiError extends Error {
   }
 }
 
+// The model requests go to (GET /models); null: the server's default, and no "model" field is
+// sent, so a one-model server sees exactly the original requests.
+let chosenModel = null;
+export const chooseModel = (name) => { chosenModel = name; };
+
 async function call(method, path, body) {
   const init = { method, headers: { Accept: "application/json" } };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json"; // anything else is refused with 415
-    init.body = JSON.stringify(body);
+    init.body = JSON.stringify({ ...body, model: body.model ?? chosenModel ?? undefined });
   }
   let response;
   try {
@@ -37,13 +42,18 @@ export function tokenSpec(value) {
 
 export const getModel = () => call("GET", "/model");
 
+// {default, models: [<GET /model of each>]}
+export const getModels = () => call("GET", "/models");
+
 export const tokenize = (text) => call("POST", "/tokenize", { text });
 
 // token_indices omitted: the text's own tokens (no BOS, [CLS] or [SEP]).
 export const trace = (text, token_indices) => call("POST", "/trace", { text, token_indices });
 
-// head omitted (null): every head of the layer as [n_heads][T][T].
-export const attention = (text, layer, head = null) => call("POST", "/attention", { text, layer, head });
+// head omitted (null): every head of the layer as [n_heads][T][T]. model: a loaded model's name
+// (default: the chosen one).
+export const attention = (text, layer, head = null, model = undefined) =>
+  call("POST", "/attention", { text, layer, head, model });
 
 export const predict = (text, token_index, top_k = 5) => call("POST", "/predict", { text, token_index, top_k });
 
@@ -62,8 +72,8 @@ export const getJob = (job) => call("GET", `/jobs/${job}`);
 
 export const cancelJob = (job) => call("DELETE", `/jobs/${job}`);
 // Logit lens grid: positions omitted = every position; target = a one-token string or a token id.
-export const lens = (text, { positions, target, top_k = 1 } = {}) =>
-  call("POST", "/lens", { text, positions, target, top_k });
+export const lens = (text, { positions, target, top_k = 1, model } = {}) =>
+  call("POST", "/lens", { text, positions, target, top_k, model });
 
 // token_logprobs, perplexity and the next-token distribution of 1-16 texts (one padded batch).
 export const score = (texts, temperature = 1, top_k = 5) => call("POST", "/score", { texts, temperature, top_k });

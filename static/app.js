@@ -3,6 +3,7 @@ import * as api from "./api.js";
 import { tokenSpec } from "./api.js";
 import { drawAttention } from "./attention.js";
 import { drawAttribution } from "./attribution.js";
+import { drawCompare } from "./compare.js";
 import { saveJSON, savePNG, saveSVG } from "./export.js";
 import { headsView, setUpHeads } from "./heads.js";
 import { drawLens } from "./lens.js";
@@ -21,7 +22,7 @@ function make(tag, props, attrs = {}) {
   return node;
 }
 
-const state = { model: null, text: "", tokens: [], traced: new Set() };
+const state = { model: null, models: [], text: "", tokens: [], traced: new Set() };
 
 // The banner shows the latest failure; `source` names what failed (a view, "tokens", ...) so
 // that the next success of the same source clears it, and nothing else does.
@@ -125,6 +126,23 @@ const views = {
   heads: headsView(() => state.text),
   patching: patchingView(),
   tracing: tracingView(),
+  compare: {
+    key: () => `${$("#cmp-a").value}/${$("#cmp-b").value}/${$("#cmp-layer").value}/${gridPositions()}`,
+    request: () => Promise.all([$("#cmp-a").value, $("#cmp-b").value].map(async (model) => ({
+      model,
+      lens: await api.lens(state.text, { positions: gridPositions(), top_k: 5, model }),
+      attention: await api.attention(state.text, Number($("#cmp-layer").value), null, model),
+    }))),
+    draw: (data, readout) => drawCompare(data, readout, {
+      head: Number($("#cmp-head").value),
+      shade: $("#cmp-shade").value,
+      selectHead: (head) => {
+        $("#cmp-head").value = head;
+        show("compare");
+      },
+    }),
+    name: () => `compare-${$("#cmp-a").value}-${$("#cmp-b").value}-L${$("#cmp-layer").value}-H${$("#cmp-head").value}`,
+  },
 };
 
 function activeView() {
@@ -243,17 +261,17 @@ function selectTab(tab) {
 }
 
 function setUpTabs() {
-  const tabs = [...document.querySelectorAll('[role="tab"]')];
-  tabs.forEach((tab, i) => {
+  for (const tab of document.querySelectorAll('[role="tab"]')) {
     tab.addEventListener("click", () => selectTab(tab));
     tab.addEventListener("keydown", (event) => {
       const step = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
       if (!step) return;
-      const next = tabs[(i + step + tabs.length) % tabs.length];
+      const tabs = [...document.querySelectorAll('[role="tab"]:not([hidden])')];
+      const next = tabs[(tabs.indexOf(tab) + step + tabs.length) % tabs.length];
       next.focus();
       selectTab(next);
     });
-  });
+  }
 }
 
 // What every view's panel has besides its own controls.
@@ -300,9 +318,31 @@ function showModel(info) {
                    title: info.path ? `loaded from ${info.path}` : "" }),
   );
   $("#random-warning").hidden = !random;
-  const range = (n, label) => Array.from({ length: n }, (_, i) => [String(i), `${label}${i}`]);
   options($("#attn-layer"), range(info.n_layers, "L"), "0");
   options($("#attn-head"), range(info.n_heads, "H"), "0");
+}
+
+const range = (n, label) => Array.from({ length: n }, (_, i) => [String(i), `${label}${i}`]);
+
+// Several models: the selector (every view asks the chosen one) and the Compare view's choices.
+function setUpModels(listing) {
+  state.models = listing.models;
+  const several = listing.models.length > 1;
+  $("#model-choice").hidden = $("#tab-compare").hidden = !several;
+  if (!several) return;
+  const names = listing.models.map((m) => [m.name, m.name]);
+  options($("#model-select"), names, listing.default);
+  options($("#cmp-a"), names, names[0][0]);
+  options($("#cmp-b"), names, names[1][0]);
+  compareChoices();
+}
+
+// Layers and heads both compared models have.
+function compareChoices() {
+  const pair = [$("#cmp-a").value, $("#cmp-b").value].map((n) => state.models.find((m) => m.name === n));
+  const keep = (select, n, label) => options(select, range(n, label), String(Math.min(Number(select.value) || 0, n - 1)));
+  keep($("#cmp-layer"), Math.min(...pair.map((m) => m.n_layers)), "L");
+  keep($("#cmp-head"), Math.min(...pair.map((m) => m.n_heads)), "H");
 }
 
 async function start() {
@@ -336,8 +376,23 @@ async function start() {
     $(id).addEventListener("change", () => show("dla"));
   }
   $("#surprisal").addEventListener("change", colourSurprisal);
-  state.model = await busy($("#model"), api.getModel, "model");
-  if (state.model) {
+  $("#model-select").addEventListener("change", () => {
+    api.chooseModel($("#model-select").value);
+    state.model = state.models.find((m) => m.name === $("#model-select").value);
+    showModel(state.model);
+    analyze();
+  });
+  for (const id of ["#cmp-a", "#cmp-b"]) {
+    $(id).addEventListener("change", () => {
+      compareChoices();
+      show("compare");
+    });
+  }
+  for (const id of ["#cmp-layer", "#cmp-head", "#cmp-shade"]) $(id).addEventListener("change", () => show("compare"));
+  const listing = await busy($("#model"), api.getModels, "model");
+  if (listing) {
+    setUpModels(listing);
+    state.model = listing.models.find((m) => m.name === listing.default);
     showModel(state.model);
     analyze();
   }

@@ -35,6 +35,14 @@ def tiny_model(tiny_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def other_model(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny GPT-2's shape with other random weights: a second model to serve beside it."""
+    path = tmp_path_factory.mktemp("tiny-gpt2-other")
+    random_gpt2(str(path), seed=99, **TINY).save_pretrained(path)
+    return load_model(str(path), device="cpu")
+
+
+@pytest.fixture(scope="session")
 def hf_model(tiny_dir: Path):
     from transformers import GPT2LMHeadModel
 
@@ -105,3 +113,63 @@ def real_gpt2_available() -> bool:
         if isinstance(found, str) and os.path.exists(found):
             return True
     return False
+
+
+IOI = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+IOI_TARGET = {"answer": " Mary", "distractor": " John"}
+# One valid request per POST endpoint (several sites and kinds of the causal ones), sized for TINY.
+EVERY_ENDPOINT: list[tuple[str, dict]] = [
+    ("/tokenize", {"text": TEXT}),
+    ("/trace", {"text": TEXT}),
+    ("/attention", {"text": TEXT, "layer": 1, "head": 2}),
+    ("/attention", {"text": TEXT, "layer": 2}),
+    ("/predict", {"text": TEXT, "token_index": 3, "top_k": 5}),
+    ("/lens", {"text": TEXT, "target": " mat", "top_k": 3}),
+    ("/score", {"texts": [TEXT, "The cat sat on the hat"], "top_k": 3}),
+    ("/dla", {"text": TEXT, "answer": " mat", "distractor": " floor"}),
+    *[("/patch", {"clean": IOI, "corrupt": IOI_CORRUPT, **IOI_TARGET, "site": site})
+      for site in ("resid_pre", "attn_out", "mlp_out", "heads", "heads_by_position")],
+    *[("/causal_trace", {"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower", "kind": kind,
+                         "samples": 3}) for kind in ("resid", "mlp", "attn")],
+    ("/ablate", {"text": IOI, **IOI_TARGET}),
+    ("/ablate", {"text": IOI, **IOI_TARGET, "method": "zero", "site": "mlp"}),
+    ("/attribution_patch", {"clean": IOI, "corrupt": IOI_CORRUPT, **IOI_TARGET, "site": "heads", "compare": True}),
+    ("/attribution_patch", {"clean": IOI, "corrupt": IOI_CORRUPT, "answer": " Mary", "site": "resid_pre"}),
+    ("/jobs/chg", {"texts": [IOI, "When Tom and Anna went to the park, Anna gave a ball to"],
+                   "targets": [" Mary", " Tom"], "steps": 3}),
+]
+
+
+def answer(client, path: str, body: dict, timeout: float = 120) -> dict:
+    """The 200 answer of a POST, or for a job-only endpoint (202) its finished result."""
+    import time
+
+    r = client.post(path, json=body)
+    assert r.status_code in (200, 202), (path, r.data[:300])
+    if r.status_code == 200:
+        return r.get_json()
+    job, deadline = r.get_json()["job"], time.monotonic() + timeout
+    while (state := client.get(f"/jobs/{job}").get_json())["status"] not in ("done", "error", "cancelled"):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.02)
+    assert state["status"] == "done", state
+    return state["result"]
+
+
+def max_diff(a, b, path: str = "") -> float:
+    """Largest |a - b| over the numbers of two JSON values that must otherwise be equal (same
+    keys, lengths, strings, ints)."""
+    if isinstance(a, bool) or isinstance(a, str) or a is None:
+        assert a == b, (path, a, b)
+        return 0.0
+    if isinstance(a, (int, float)):
+        assert isinstance(b, (int, float)) and not isinstance(b, bool), (path, b)
+        if isinstance(a, int) and isinstance(b, int) and not path.endswith(("logit", "probability")):
+            assert a == b, (path, a, b)
+        return abs(float(a) - float(b))
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (path, set(a) ^ set(b))
+        return max([max_diff(a[k], b[k], f"{path}.{k}") for k in a], default=0.0)
+    assert isinstance(b, list) and len(a) == len(b), (path, len(a), len(b))
+    return max([max_diff(x, y, f"{path}[]") for x, y in zip(a, b)], default=0.0)

@@ -16,7 +16,8 @@ from tests.test_patching import wait_job
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSES = {"/tokenize": schemas.TokenizeResponse, "/trace": schemas.TraceResponse,
              "/predict": schemas.PredictResponse, "/attention": schemas.AttentionResponse,
-             "/model": schemas.ModelInfo, "/ablate": AblateResponse, "/attribution_patch": AttributionPatchResponse}
+             "/model": schemas.ModelInfo, "/models": schemas.ModelsResponse, "/ablate": AblateResponse,
+             "/attribution_patch": AttributionPatchResponse}
 RESPONSES.update({path: openapi.POSTS[path][1] for path in ("/lens", "/score", "/dla", "/patch", "/causal_trace")})
 JOB_RESULTS = {"/jobs/chg": ChgResult}
 

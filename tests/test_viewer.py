@@ -29,16 +29,26 @@ if not os.path.exists(CHROMIUM):
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model):
+def serving(model):
     """The real app (same factory as `python app.py`) on a free loopback port, in a thread."""
-    app = create_app(model=tiny_model)
+    app = create_app(model=model)
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_port}", app.test_client()
     httpd.shutdown()
     thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    yield from serving(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def two_server(tiny_model, other_model):
+    """Two tiny models (other weights) in one server: "tiny-a" (the default) and "tiny-b"."""
+    yield from serving({"tiny-a": tiny_model, "tiny-b": other_model})
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +61,15 @@ def browser():
 
 @pytest.fixture()
 def page(browser, server):
+    yield from viewer_page(browser, server)
+
+
+@pytest.fixture()
+def two_page(browser, two_server):
+    yield from viewer_page(browser, two_server)
+
+
+def viewer_page(browser, server):
     """A fresh page on the viewer, its first (default text) analysis done; fails the test on any
     uncaught script error, console error or failed page asset."""
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
@@ -131,9 +150,9 @@ def test_model_and_token_chips(page, server):
 
 
 def test_random_weights_are_flagged(page, server):
-    # The tiny model is a saved checkpoint; answer /model as a --random-weights server would.
+    # The tiny model is a saved checkpoint; answer /models as a --random-weights server would.
     info = {**server[1].get("/model").get_json(), "weights": "random"}
-    page.route("**/model", lambda route: route.fulfill(json=info))
+    page.route("**/models", lambda route: route.fulfill(json={"default": info["name"], "models": [info]}))
     page.reload()
     page.locator("#random-warning").wait_for(state="visible")
     assert page.locator(".weights.random").inner_text() == "RANDOM WEIGHTS"
@@ -677,3 +696,73 @@ def test_causal_tracing_error_is_shown(page, server):
     page.fill("#trace-samples", "1")
     run_view(page, "tracing")  # the next good run clears it
     assert error.is_hidden()
+
+
+def model_fields(page, action) -> list:
+    """The "model" field (None when absent) of every POST body `action` makes the page send."""
+    bodies: list = []
+    page.on("request", lambda r: r.method == "POST" and bodies.append(json.loads(r.post_data or "{}")))
+    action()
+    page.wait_for_function("[...document.querySelectorAll('.panel, #tokens')].every(p => p.getAttribute('aria-busy') !== 'true')")
+    return [b.get("model") for b in bodies]
+
+
+def test_one_model_has_no_model_selector_or_compare(page):
+    assert page.locator("#model-choice").is_hidden() and page.locator("#tab-compare").is_hidden()
+    sent = model_fields(page, lambda: analyze(page, "One model only"))
+    assert sent and set(sent) == {None}  # the original requests, without "model"
+    page.focus("#tab-dla")
+    page.keyboard.press("ArrowRight")  # the hidden tab is skipped: wraps to the first
+    assert page.get_attribute("#tab-trajectories", "aria-selected") == "true"
+
+
+def test_model_selector_switches_the_views(two_page, two_server):
+    page, client = two_page, two_server[1]
+    assert page.locator("#model-choice").is_visible()
+    assert page.eval_on_selector_all("#model-select option", "os => os.map(o => o.value)") == ["tiny-a", "tiny-b"]
+    panel = open_view(page, "lens")
+    first = panel.locator("svg.figure").text_content()
+    sent = model_fields(page, lambda: page.select_option("#model-select", "tiny-b"))
+    assert sent and set(sent) == {"tiny-b"}
+    assert "tiny-b" in page.locator("#model").inner_text()
+    panel.locator("svg.figure").wait_for()
+    position = int(page.input_value("#lens-pos"))
+    text = page.input_value("#text")
+    want = api(two_server, "/predict", {"text": text, "token_index": position, "top_k": 5, "model": "tiny-b"})
+    shown = panel.locator("svg.figure").text_content()
+    top = want["predictions_by_layer"][-1]["top_tokens"][0]["token"]
+    assert shown != first and show_token(top, 14).rstrip("…")[:6] in shown
+    assert client.post("/predict", json={"text": text, "token_index": position, "model": "tiny-a"}).get_json() != want
+
+
+def test_compare_two_models_side_by_side(two_page, two_server):
+    page = two_page
+    analyze(page, TEXT)
+    panel = open_view(page, "compare")
+    assert [t.text_content() for t in panel.locator(".compare-model").all()] == ["tiny-a", "tiny-b"]
+    answers = {m: api(two_server, "/lens", {"text": TEXT, "top_k": 5, "model": m}) for m in ("tiny-a", "tiny-b")}
+    n_layers, n_pos = len(answers["tiny-a"]["top"]), len(answers["tiny-a"]["positions"])
+    cells = panel.locator(".lens-grid-cell")
+    assert cells.count() == 2 * n_layers * n_pos
+    # each column's first cell (last layer, position 0) is its own model's top-1 guess
+    for column, model in enumerate(("tiny-a", "tiny-b")):
+        label = cells.nth(column * n_layers * n_pos).locator("text").text_content()
+        assert label == show_token(answers[model]["top"][-1][0][0]["token"], 8)
+    assert answers["tiny-a"]["top"] != answers["tiny-b"]["top"]
+    n = len(answers["tiny-a"]["tokens"])
+    assert panel.locator("rect.cell").count() == 2 * n * n
+    attn = {m: api(two_server, "/attention", {"text": TEXT, "layer": 1, "model": m}) for m in ("tiny-a", "tiny-b")}
+    choose(page, panel, "#cmp-layer", "1")
+    old = panel.locator("svg.figure").element_handle()
+    panel.locator('.head-tile[data-head="2"]').last.click()  # a head tile picks the head of both
+    page.wait_for_function("old => !old.isConnected && document.querySelector('#cmp-head').value === '2'", arg=old)
+    right_cell = panel.locator("rect.cell").nth(n * n + n + 1)  # tiny-b, query 1, key 1
+    assert hover_text(page, right_cell).endswith(f"{attn['tiny-b']['attention_matrix'][2][1][1]:.4f}")
+    left_cell = panel.locator("rect.cell").nth(n + 1)
+    assert hover_text(page, left_cell).endswith(f"{attn['tiny-a']['attention_matrix'][2][1][1]:.4f}")
+    choose(page, panel, "#cmp-b", "tiny-a")  # the same model twice: identical columns
+    assert cells.nth(0).locator("text").text_content() == cells.nth(n_layers * n_pos).locator("text").text_content()
+    screenshot(page, "compare")
+    with page.expect_download() as download:
+        panel.locator('[data-export="svg"]').click()
+    assert download.value.suggested_filename == "compare-tiny-a-tiny-a-L1-H2.svg"

@@ -1,7 +1,7 @@
 """The original endpoints: model info, tokenize, trace, attention, predict, and the viewer."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 
 from .. import schemas
 from ..analysis import InvalidRequest
@@ -32,14 +32,18 @@ def viewer() -> Response:
 
 @bp.get("/health")
 def health() -> Response:
-    ex = models().default
-    return json_response({"status": "ok", "model": ex.model.name, "queue": ex.worker.pending(),
-                          "cache": ex.cache.stats()})
+    loaded = models()
+    ex = loaded.default
+    body = {"status": "ok", "model": ex.model.name, "queue": ex.worker.pending(), "cache": ex.cache.stats()}
+    if len(loaded.by_name) > 1:  # one model: the original answer, unchanged
+        body["models"] = {name: {"queue": m.worker.pending(), "cache": m.cache.stats()}
+                          for name, m in loaded.by_name.items()}
+    return json_response(body)
 
 
 @bp.get("/model")
 def model_info() -> Response:
-    return json_response(models().default.model.info())
+    return json_response(models().get(request.args.get("model")).model.info())
 
 
 @bp.get("/models")
