@@ -93,7 +93,7 @@ def recovery(effect: np.ndarray, clean: float | np.float32, corrupt: float | np.
     if not np.isfinite(span) or abs(span) <= RECOVERY_EPSILON:
         return None, (f"clean and corrupt metrics are equal ({clean:.6g} vs {corrupt:.6g}): the prompts "
                       "do not differ in what the metric measures, so recovery is undefined (null); "
-                      "see effect for the raw metric")
+                      "the raw metric values are still reported")
     return ((effect - corrupt) / span).astype(np.float32), None
 
 

@@ -173,3 +173,19 @@ def max_diff(a, b, path: str = "") -> float:
         return max([max_diff(a[k], b[k], f"{path}.{k}") for k in a], default=0.0)
     assert isinstance(b, list) and len(a) == len(b), (path, len(a), len(b))
     return max([max_diff(x, y, f"{path}[]") for x, y in zip(a, b)], default=0.0)
+
+
+@pytest.fixture(scope="module")
+def peaked(tmp_path_factory):
+    """(client, HF model) of a tiny GPT-2 whose next-token distributions are peaked."""
+    from transformers import GPT2LMHeadModel
+
+    from app import create_app
+    from model_utils import load_model, random_gpt2
+
+    path = tmp_path_factory.mktemp("peaked-gpt2")
+    random_gpt2(str(path), seed=1234, initializer_range=0.4, **TINY).save_pretrained(path)
+    model = load_model(str(path), device="cpu")
+    assert model.cfg.n_layers == TINY["n_layer"] and model.cfg.d_model == TINY["n_embd"]
+    hf = GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager").eval()
+    return create_app({"TESTING": True}, model=model).test_client(), hf

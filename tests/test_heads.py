@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import TEXT, TINY
-from tests.test_patching import (CLEAN, CORRUPT, PAIR, HFPatcher, err, grid_shape, ids_of, ok, peaked,  # noqa: F401
+from tests.test_patching import (CLEAN, CORRUPT, PAIR, HFPatcher, err, grid_shape, ids_of, ok,
                                  wait_job)
 
 

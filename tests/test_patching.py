@@ -238,23 +238,6 @@ def test_patch_without_site_is_refused(client):
 # The default tiny model's outputs are nearly uniform (top-1 p ~ 5e-5), so noise moves P(answer)
 # by less than recovery's 1e-6 threshold; tracing is tested on one with larger weights (top-1 ~ 0.08).
 
-@pytest.fixture(scope="module")
-def peaked(tmp_path_factory):
-    """(client, HF model) of a tiny GPT-2 whose next-token distributions are peaked."""
-    from transformers import GPT2LMHeadModel
-
-    from app import create_app
-    from model_utils import load_model, random_gpt2
-    from tests.conftest import TINY
-
-    path = tmp_path_factory.mktemp("peaked-gpt2")
-    random_gpt2(str(path), seed=1234, initializer_range=0.4, **TINY).save_pretrained(path)
-    model = load_model(str(path), device="cpu")
-    assert model.cfg.n_layers == TINY["n_layer"] and model.cfg.d_model == TINY["n_embd"]
-    hf = GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager").eval()
-    return create_app({"TESTING": True}, model=model).test_client(), hf
-
-
 def trace(client, **fields) -> dict:
     return ok(client.post("/causal_trace", json={"text": FACT, "subject": "Eiffel Tower", **fields}))
 
