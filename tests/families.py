@@ -27,7 +27,7 @@ class Family:
     config: Callable[[int, Any], Any]  # (vocab size, tokenizer) -> HF config
     model_class: str  # transformers class name
     causal: bool = True
-    prepends_bos: bool = True
+    prepends_bos: bool = True  # index 0 is a start token the server adds (BOS; BERT: [CLS])
     specials: tuple[tuple[str, str], ...] = ()  # (tokenizer attribute, token) added to the GPT-2 tokenizer
 
 
@@ -87,7 +87,7 @@ FAMILIES = {f.name: f for f in [
            specials=(("bos_token", None), ("eos_token", "<|im_end|>"), ("pad_token", "<|endoftext|>"))),
     Family("gemma2", _gemma2, "Gemma2ForCausalLM",
            specials=(("bos_token", "<bos>"), ("eos_token", "<eos>"), ("pad_token", "<pad>"))),
-    Family("bert", _bert, "BertForMaskedLM", causal=False, prepends_bos=False,
+    Family("bert", _bert, "BertForMaskedLM", causal=False,
            specials=(("bos_token", None), ("eos_token", None), ("unk_token", "[UNK]"), ("cls_token", "[CLS]"),
                      ("sep_token", "[SEP]"), ("mask_token", "[MASK]"), ("pad_token", "[PAD]"))),
 ]}

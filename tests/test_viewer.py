@@ -149,6 +149,23 @@ def test_model_and_token_chips(page, server):
     assert f"id {tokens[2]['token_id']}" in chips.nth(2).get_attribute("title")
 
 
+@pytest.mark.parametrize("change,traced", [
+    ({"prepends_bos": False, "bos_token_id": None}, lambda n: list(range(n))),  # Pythia, Qwen: index 0 is text
+    ({"causal": False}, lambda n: list(range(1, n - 1))),  # BERT: [CLS] ... [SEP]
+])
+def test_token_chips_follow_the_models_special_tokens(page, server, change, traced):
+    info = {**server[1].get("/model").get_json(), **change}
+    page.route("**/model", lambda route: route.fulfill(json=info))
+    page.reload()
+    analyze(page, TEXT)
+    chips = page.locator("#chips .chip")
+    n = len(api(server, "/tokenize", {"text": TEXT})["tokens"])
+    assert chips.count() == n and page.locator("#chips .chip.bos").count() == 0
+    pressed = [i for i in range(n) if chips.nth(i).get_attribute("aria-pressed") == "true"]
+    assert pressed == traced(n)
+    assert f"· {info['family']}" in page.locator("#model").inner_text()
+
+
 def test_random_weights_are_flagged(page, server):
     # The tiny model is a saved checkpoint; answer /models as a --random-weights server would.
     info = {**server[1].get("/model").get_json(), "weights": "random"}
