@@ -70,7 +70,7 @@ def hf_ablation(hf: HFPatcher, ids: list[int], site: str, method: str, reference
 
 @pytest.mark.parametrize("site", ["heads", "attn", "mlp"])
 @pytest.mark.parametrize("method,references", [("zero", None), ("mean", None), ("mean", REFERENCES)])
-def test_ablate_matches_independent_hf_hooks(peaked, tiny_model, site, method, references):  # noqa: F811
+def test_ablate_matches_independent_hf_hooks(peaked, tiny_model, site, method, references):
     client, hf_patcher = peaked[0], HFPatcher(peaked[1])
     request = {"text": CLEAN, "answer": " Mary", "distractor": " John", "site": site, "method": method}
     if references:
@@ -165,7 +165,7 @@ def hf_attribution(hf_model, site: str, base_ids: list[int], source_ids: list[in
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out", "heads", "heads_by_position"])
-def test_attribution_matches_independent_autograd(peaked, tiny_model, site, direction):  # noqa: F811
+def test_attribution_matches_independent_autograd(peaked, tiny_model, site, direction):
     client, hf_model = peaked
     body = ok(client.post("/attribution_patch", json={**PAIR, "site": site, "direction": direction}))
     clean_ids, corrupt_ids = ids_of(client, CLEAN), ids_of(client, CORRUPT)
@@ -184,7 +184,7 @@ def test_attribution_matches_independent_autograd(peaked, tiny_model, site, dire
 
 
 @pytest.mark.parametrize("site", ["resid_pre", "heads"])
-def test_attribution_compare_is_the_real_patch_grid(peaked, site):  # noqa: F811
+def test_attribution_compare_is_the_real_patch_grid(peaked, site):
     client = peaked[0]
     body = ok(client.post("/attribution_patch", json={**PAIR, "site": site, "compare": True}))
     real = ok(client.post("/patch", json={**PAIR, "site": site}))
