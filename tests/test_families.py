@@ -143,12 +143,17 @@ def test_attention_per_query_head_matches_hf(fam):
     ids = ids_of(fam, CLEAN)
     ref = hf_forward(fam, ids)["attentions"].numpy()
     n_layers, n_heads = ref.shape[:2]
-    worst = 0.0
+    worst = worst_full = 0.0
     for layer in range(n_layers):
         got = np.array(ok(fam.client.post("/attention", json={"text": CLEAN, "layer": layer}))["attention_matrix"])
         assert got.shape == (n_heads, len(ids), len(ids))  # every query head, GQA included
-        np.testing.assert_allclose(got, ref[layer], atol=1e-3)  # float16 cache, 4 decimals
+        # compact: float16's relative precision, and no nonzero weight reported as 0
+        assert (np.abs(got - ref[layer]) <= 1e-3 * ref[layer] + 1e-7).all()
+        assert not (got[ref[layer] > 0] == 0).any()
         worst = max(worst, float(np.abs(got - ref[layer]).max()))
+        full = ok(fam.client.post("/attention", json={"text": CLEAN, "layer": layer, "precision": "full"}))
+        np.testing.assert_allclose(np.array(full["attention_matrix"]), ref[layer], rtol=0, atol=1e-6)
+        worst_full = max(worst_full, float(np.abs(np.array(full["attention_matrix"]) - ref[layer]).max()))
         upper = np.triu(got, k=1)
         if fam.spec.causal:
             assert not upper.any()
@@ -160,6 +165,7 @@ def test_attention_per_query_head_matches_hf(fam):
             old_keys = np.tril(got, k=-fam.hf.config.sliding_window)
             assert (not old_keys.any()) is (fam.hf.config.layer_types[layer] == "sliding_attention")
     fam.record("attention", worst)
+    fam.record("attention_full", worst_full)
 
 
 def test_predict_logit_lens_matches_hf(fam):

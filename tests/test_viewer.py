@@ -149,14 +149,19 @@ def test_model_and_token_chips(page, server):
     assert f"id {tokens[2]['token_id']}" in chips.nth(2).get_attribute("title")
 
 
+def serve_model_info(page, info: dict) -> None:
+    """Reload the page with GET /models (what the viewer reads at start) answering `info` alone."""
+    page.route("**/models", lambda route: route.fulfill(json={"default": info["name"], "models": [info]}))
+    page.reload()
+
+
 @pytest.mark.parametrize("change,traced", [
     ({"prepends_bos": False, "bos_token_id": None}, lambda n: list(range(n))),  # Pythia, Qwen: index 0 is text
     ({"causal": False}, lambda n: list(range(1, n - 1))),  # BERT: [CLS] ... [SEP]
 ])
 def test_token_chips_follow_the_models_special_tokens(page, server, change, traced):
     info = {**server[1].get("/model").get_json(), **change}
-    page.route("**/model", lambda route: route.fulfill(json=info))
-    page.reload()
+    serve_model_info(page, info)
     analyze(page, TEXT)
     chips = page.locator("#chips .chip")
     n = len(api(server, "/tokenize", {"text": TEXT})["tokens"])
@@ -169,16 +174,14 @@ def test_token_chips_follow_the_models_special_tokens(page, server, change, trac
 def test_random_weights_are_flagged(page, server):
     # The tiny model is a saved checkpoint; answer /models as a --random-weights server would.
     info = {**server[1].get("/model").get_json(), "weights": "random"}
-    page.route("**/models", lambda route: route.fulfill(json={"default": info["name"], "models": [info]}))
-    page.reload()
+    serve_model_info(page, info)
     page.locator("#random-warning").wait_for(state="visible")
     assert page.locator(".weights.random").inner_text() == "RANDOM WEIGHTS"
 
 
 def test_hub_weights_chip(page, server):
     info = {**server[1].get("/model").get_json(), "weights": "pretrained", "path": None}
-    page.route("**/model", lambda route: route.fulfill(json=info))
-    page.reload()
+    serve_model_info(page, info)
     page.locator(".weights.pretrained").wait_for()
     assert page.locator(".weights.pretrained").inner_text() == "pretrained weights"
     assert page.locator("#random-warning").is_hidden()
@@ -728,7 +731,7 @@ def test_one_model_has_no_model_selector_or_compare(page):
     assert page.locator("#model-choice").is_hidden() and page.locator("#tab-compare").is_hidden()
     sent = model_fields(page, lambda: analyze(page, "One model only"))
     assert sent and set(sent) == {None}  # the original requests, without "model"
-    page.focus("#tab-dla")
+    page.focus("#tab-tracing")  # the last visible tab
     page.keyboard.press("ArrowRight")  # the hidden tab is skipped: wraps to the first
     assert page.get_attribute("#tab-trajectories", "aria-selected") == "true"
 
