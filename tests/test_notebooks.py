@@ -34,7 +34,8 @@ def test_committed_notebook_has_no_errors(path: Path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path: Path, tiny_dir: Path):
     nb = nbformat.read(path, as_version=4)
-    env = {**os.environ, "EXPLORER_MODEL": str(tiny_dir), "EXPLORER_RANDOM_WEIGHTS": "",
+    # A server's comma list, as `python app.py` reads it: the notebooks take its first (default) model.
+    env = {**os.environ, "EXPLORER_MODEL": f"{tiny_dir},gpt2", "EXPLORER_RANDOM_WEIGHTS": "",
            "EXPLORER_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
