@@ -61,7 +61,7 @@ FUZZ_COUNTS: dict[str, int] = {}
 POSTS = [f"POST {path}" for path in openapi.POSTS]
 GETS = [f"GET {path}" for path in openapi.GETS] + ["GET /jobs/{job_id}", "DELETE /jobs/{job_id}"]
 OPERATIONS = [(op, GenerationMode.POSITIVE) for op in POSTS + GETS]
-OPERATIONS += [(op, GenerationMode.NEGATIVE) for op in POSTS]  # the GETs' only input is a job id
+OPERATIONS += [(op, GenerationMode.NEGATIVE) for op in POSTS]  # GETs take only free strings (a job id, /model's name)
 
 
 @pytest.mark.parametrize("operation,mode", OPERATIONS, ids=lambda v: getattr(v, "value", v))
