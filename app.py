@@ -13,13 +13,14 @@ from typing import Any, Sequence
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from explorer import openapi, web
-from explorer.analysis import InvalidRequest
-from explorer.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, CacheBudget, Overloaded, tune_allocator
-from explorer.jobs import JobManager
-from explorer.loading import (DEVICE_MAPS, LoadedModel, ModelLoadError, load_model, parse_max_memory,
-                              resolve_device, route_library_logs)
-from explorer.service import Explorer, Models
+from explorer import web
+from explorer.errors import Cancelled, InvalidRequest, Overloaded
+from explorer.runtime.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, CacheBudget, tune_allocator
+from explorer.runtime.jobs import JobManager
+from explorer.runtime.loading import (DEVICE_MAPS, LoadedModel, ModelLoadError, load_model, parse_max_memory,
+                                      resolve_device, route_library_logs)
+from explorer.session import Explorer, Models
+from explorer.web import openapi
 from explorer.web.common import UnsupportedType, error
 
 log = logging.getLogger("explorer")
@@ -118,6 +119,10 @@ def create_app(config: dict[str, Any] | None = None,
     @app.errorhandler(Overloaded)
     def overloaded(exc: Overloaded) -> Response:
         return error(f"server busy: {exc}", 503, {"Retry-After": str(exc.retry_after)})
+
+    @app.errorhandler(Cancelled)
+    def cancelled(_: Cancelled) -> Response:  # a synchronous request whose client left: nobody reads it
+        return error("cancelled: the client disconnected", 499)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -221,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         ex.vocab_strs  # decode the vocabularies now, not on the first /predict
     from waitress import serve
     log.info("Ready %.1f s after start", time.perf_counter() - START)
-    serve(app, host=args.host, port=args.port, threads=args.threads, ident="explorer")
+    # Lookahead keeps reading a connection while its request runs, so a synchronous sweep sees its
+    # client leave (`waitress.client_disconnected`) and stops between chunks.
+    serve(app, host=args.host, port=args.port, threads=args.threads, ident="explorer", channel_request_lookahead=4)
     return 0
 
 

@@ -1,65 +1,84 @@
-"""Public facade of the explorer's core: load a model, tokenize, trace, attention, predict.
+"""Public facade for scripts and notebooks: load a model and ask it what the HTTP API answers.
 
     from model_utils import load_model, Explorer
     ex = Explorer(load_model("gpt2"))
     ex.predict("The cat sat on the mat", token_index=5, top_k=5)
+    ex.patch(clean=..., corrupt=..., answer=" Mary", distractor=" John", site="heads")
+
+`Explorer` has one method per endpoint, named after its path (`/jobs/chg` -> `chg`), taking the
+request body's fields (positionally in the order API.md lists them, or by name) and returning
+the response body as Python objects (arrays stay numpy). Long operations run to the end;
+`ex.start(name, ...)` runs one as a job instead (`job.progress`, `job.cancel()`,
+`job.done.result()`).
 """
-from explorer.analysis import (
-    InvalidRequest,
-    LENS_TOP_K_MAX,
-    attention,
-    forward,
-    lens_top_k,
-    pca_2d,
-    predictions,
-    trace,
-    trace_pca,
-)
-from explorer.engine import ByteLRU, ModelWorker, Overloaded, Run, tune_allocator
-from explorer.loading import LoadedModel, ModelLoadError, gpt2_tokenizer, load_model, random_gpt2
-from explorer.service import Explorer
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from explorer.errors import InvalidRequest, Overloaded
+from explorer.math.forward import LENS_TOP_K, Run, forward, lens_top_k, pca_2d, trace_pca
+from explorer.math.replay import Acts, capture, run_rows
+from explorer.math.target import Target, recovery
+from explorer.operations import OPERATIONS, Operation, parse
+from explorer.runtime.engine import ByteLRU, ModelWorker, tune_allocator
+from explorer.runtime.jobs import Job, JobManager
+from explorer.runtime.loading import LoadedModel, ModelLoadError, gpt2_tokenizer, load_model, random_gpt2
+from explorer.session import Explorer as Session
+# Plotting (matplotlib is imported only when a plot function is called, never by the server).
+from explorer.plots import (plot_attention_heatmap, plot_attribution_vs_patching, plot_causal_trace, plot_dla,
+                            plot_head_grid, plot_lens_grid, plot_logit_lens, plot_patching, plot_target_trajectory,
+                            plot_token_probabilities, plot_trajectories, project_2d)
+
+NOT_POSITIONAL = ("model", "async")  # fields only ever given by name
+
+
+class Explorer(Session):
+    """A model session with one method per endpoint (see the module doc)."""
+
+    def __init__(self, model: LoadedModel, **options: Any) -> None:
+        super().__init__(model, **options)
+        self.jobs = JobManager()
+
+    def _request(self, name: str, args: tuple[Any, ...], fields: dict[str, Any]) -> tuple[Operation, Any]:
+        op = next((o for o in OPERATIONS.values() if o.kind == name), None)
+        if op is None:
+            raise InvalidRequest(f"no operation {name!r}; operations: {', '.join(o.kind for o in OPERATIONS.values())}")
+        names = [f.alias or n for n, f in op.request.model_fields.items() if (f.alias or n) not in NOT_POSITIONAL]
+        if len(args) > len(names):
+            raise TypeError(f"{name}() takes at most {len(names)} positional arguments ({', '.join(names)})")
+        body = {**dict(zip(names, args)), **fields}
+        return op, parse(op.request, {k: v for k, v in body.items() if v is not None or k in fields})
+
+    def answer(self, name: str, *args: Any, **fields: Any) -> Any:
+        """The response of operation `name` (the endpoint's path without its slash) to these fields."""
+        op, req = self._request(name, args, fields)
+        result = op.run(self, req)
+        return result if op.mode == "call" else self.jobs.run(op.kind, result, self.worker)
+
+    def start(self, name: str, *args: Any, **fields: Any) -> Job:
+        """Start a long operation (patch, causal_trace, ablate, attribution_patch, chg) as a job."""
+        op, req = self._request(name, args, fields)
+        if op.mode == "call":
+            raise InvalidRequest(f"{name} answers at once; call ex.{name}(...)")
+        return self.jobs.start(op.kind, op.run(self, req), self.worker)
+
+
+def _method(op: Operation) -> Callable[..., Any]:
+    def method(self: Explorer, *args: Any, **fields: Any) -> Any:
+        return self.answer(op.kind, *args, **fields)
+    method.__name__ = op.kind
+    method.__doc__ = f"POST {op.path}: {op.summary}"
+    return method
+
+
+for _op in OPERATIONS.values():
+    setattr(Explorer, _op.kind, _method(_op))
 
 __all__ = [
-    "ByteLRU", "Explorer", "InvalidRequest", "LENS_TOP_K_MAX", "LoadedModel", "ModelLoadError",
-    "ModelWorker", "Overloaded", "Run", "attention", "forward", "gpt2_tokenizer", "lens_top_k",
-    "load_model", "pca_2d", "predictions", "random_gpt2", "trace", "trace_pca", "tune_allocator",
+    "Acts", "ByteLRU", "Explorer", "InvalidRequest", "Job", "JobManager", "LENS_TOP_K", "LoadedModel",
+    "ModelLoadError", "ModelWorker", "Overloaded", "Run", "Target", "capture", "forward", "gpt2_tokenizer",
+    "lens_top_k", "load_model", "pca_2d", "random_gpt2", "recovery", "run_rows", "trace_pca", "tune_allocator",
+    "plot_attention_heatmap", "plot_attribution_vs_patching", "plot_causal_trace", "plot_dla", "plot_head_grid",
+    "plot_lens_grid", "plot_logit_lens", "plot_patching", "plot_target_trajectory", "plot_token_probabilities",
+    "plot_trajectories", "project_2d",
 ]
-
-# Causal interventions: shared targets and recovery, cached activations, batched patching and tracing.
-from explorer.jobs import JobManager  # noqa: E402
-from explorer.patching import patch  # noqa: E402
-from explorer.replay import Acts, capture, run_rows  # noqa: E402
-from explorer.targets import Target, parse_target, recovery  # noqa: E402
-from explorer.tracing import causal_trace  # noqa: E402
-
-__all__ += ["Acts", "JobManager", "Target", "capture", "causal_trace", "parse_target", "patch", "recovery", "run_rows"]
-
-# Which heads matter: ablation sweeps, attribution patching, causal head gating (jobs' steps).
-from explorer.chg import chg  # noqa: E402
-from explorer.heads import ablate, attribution_patch  # noqa: E402
-
-__all__ += ["ablate", "attribution_patch", "chg"]
-
-# Plotting (matplotlib is imported only when a plot function is called, never by the server).
-from explorer.plots import (  # noqa: E402
-    plot_attention_heatmap,
-    plot_attribution_vs_patching,
-    plot_head_grid,
-    plot_logit_lens,
-    plot_token_probabilities,
-    plot_trajectories,
-    project_2d,
-)
-
-__all__ += ["plot_attention_heatmap", "plot_attribution_vs_patching", "plot_head_grid", "plot_logit_lens",
-            "plot_token_probabilities", "plot_trajectories", "project_2d"]
-
-# Reading the prediction (Explorer.lens, .score, .dla): the grid, a target's trajectory, DLA.
-from explorer.plots import plot_dla, plot_lens_grid, plot_target_trajectory  # noqa: E402
-
-__all__ += ["plot_dla", "plot_lens_grid", "plot_target_trajectory"]
-
-# Causal interventions: the /patch heatmap and ROME's causal-tracing panels.
-from explorer.plots import plot_causal_trace, plot_patching  # noqa: E402
-
-__all__ += ["plot_causal_trace", "plot_patching"]

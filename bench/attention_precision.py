@@ -17,8 +17,9 @@ import numpy as np
 import orjson
 import torch
 
-from explorer import analysis
-from explorer.engine import tune_allocator
+from explorer.math import forward as analysis
+from explorer.operations.precision import attention_weights
+from explorer.runtime.engine import tune_allocator
 from model_utils import load_model, random_gpt2
 
 SEQ = 1024
@@ -98,9 +99,9 @@ def main() -> None:
         t_store = best(lambda: analysis.store_pattern(cache, one))
 
     before = np.stack([np.round(old_run.patterns[l].float().numpy(), 4) for l in range(int(cfg.n_layers))])
-    after = np.stack([analysis.attention(run, l, None) for l in range(int(cfg.n_layers))])
+    after = np.stack([attention_weights(run.patterns[l]) for l in range(int(cfg.n_layers))])
     t_read_old = best(lambda: np.round(old_run.patterns[SIZE_LAYER].float().numpy(), 4))
-    t_read_new = best(lambda: analysis.attention(run, SIZE_LAYER, None))
+    t_read_new = best(lambda: attention_weights(run.patterns[SIZE_LAYER]))
     print("\nErrors against HF eager float32, every layer and head:")
     figures("before", before.astype(np.float64), ref)
     figures("after", after, ref)

@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app import create_app  # noqa: E402
-from explorer import analysis  # noqa: E402
-from explorer.engine import tune_allocator  # noqa: E402
-from explorer.loading import load_model, random_gpt2  # noqa: E402
+from explorer.math import forward as analysis  # noqa: E402
+from explorer.runtime.engine import tune_allocator  # noqa: E402
+from explorer.runtime.loading import load_model, random_gpt2  # noqa: E402
 
 LENGTHS = (8, 32, 128, 1024)  # tokens, BOS included
 ENDPOINTS = ("attention", "predict", "trace")
@@ -249,7 +249,7 @@ def proc_kb(pid: int, field: str) -> int:
 
 def part2(reference: list[bytes], quick: bool, device: str) -> dict:
     """`python app.py --random-weights` in a subprocess: startup, memory at 1024 tokens, concurrency."""
-    from explorer.loading import gpt2_tokenizer
+    from explorer.runtime.loading import gpt2_tokenizer
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

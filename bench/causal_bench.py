@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app import create_app  # noqa: E402
-from explorer.engine import tune_allocator  # noqa: E402
-from explorer.loading import load_model  # noqa: E402
+from explorer.runtime.engine import tune_allocator  # noqa: E402
+from explorer.runtime.loading import load_model  # noqa: E402
 
 PAIRS = {
     "IOI (differ at 10)": ("When Mary and John went to the store, John gave a cold drink to",

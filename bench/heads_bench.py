@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from bench.causal_bench import PAIRS, setup, timed
-from explorer import chg
+from explorer.operations import chg
 
 CHG_PROMPTS = [
     ("When Mary and John went to the store, John gave a drink to", " Mary"),

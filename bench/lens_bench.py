@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from app import create_app  # noqa: E402
 from bench.bench import Texts, median, timed  # noqa: E402
-from explorer.engine import tune_allocator  # noqa: E402
-from explorer.loading import load_model, random_gpt2  # noqa: E402
+from explorer.runtime.engine import tune_allocator  # noqa: E402
+from explorer.runtime.loading import load_model, random_gpt2  # noqa: E402
 
 LENS_TOKENS, SCORE_TEXTS, SCORE_TOKENS = 128, 16, 32
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .analysis import pca_2d
+from .math.forward import pca_2d
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -96,7 +96,7 @@ def plot_attention_heatmap(attention: Mapping[str, Any] | ArrayLike, tokens: Seq
 def project_2d(points: ArrayLike, method: str = "pca", seed: int = 0) -> np.ndarray:
     """Project [..., d_model] points to [..., 2] with one projection fit on all of them.
 
-    `method` is "pca" (`analysis.pca_2d`, equal to scikit-learn's) or "umap" (needs the optional
+    `method` is "pca" (`math.forward.pca_2d`, equal to scikit-learn's) or "umap" (needs the optional
     `umap-learn` package; raises ImportError without it). UMAP is seeded, so repeated calls give
     the same layout.
     """

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app import create_app
-from explorer import analysis
+from explorer.math import forward as analysis
 from model_utils import load_model, random_gpt2
 
 TINY = {"n_layer": 3, "n_head": 4, "n_embd": 64, "n_positions": 64}

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from explorer.loading import gpt2_tokenizer
+from explorer.runtime.loading import gpt2_tokenizer
 
 WIDTH = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64}
 INIT = 0.15  # larger than HF's 0.02, so attention patterns and predictions are far from uniform

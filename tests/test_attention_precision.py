@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from app import create_app
-from explorer import analysis
+from explorer.math import forward as analysis
+from explorer.operations import precision
 from model_utils import load_model, random_gpt2
 from tests.conftest import TEXT, hf_reference
 
@@ -95,15 +96,15 @@ def test_store_pattern_keeps_tiny_weights_nonzero():
     out = torch.empty(weights.shape, dtype=torch.float16)
     analysis.store_pattern(out, weights)
     run = analysis.Run(token_ids=torch.zeros(1), resid=torch.zeros(1, 1, 1), patterns=out.view(1, 1, 1, -1))
-    got = analysis.attention(run, 0, 0)[0]
+    got = precision.attention_weights(run.patterns[0, 0])[0]
     assert got[0] == 0 and np.all(got[1:] > 0)
     assert np.all(np.abs(got - weights.double().numpy()) <= 1e-3 * weights.double().numpy() + 1e-11)
 
 
 def test_significant_rounds_to_digits_not_decimals():
-    assert analysis.significant(0.000123456, 4) == 0.0001235
-    assert analysis.significant(123456.0, 4) == 123500.0
-    assert analysis.significant(0.0, 4) == 0.0
+    assert precision.significant(0.000123456, 4) == 0.0001235
+    assert precision.significant(123456.0, 4) == 123500.0
+    assert precision.significant(0.0, 4) == 0.0
 
 
 def test_precision_is_validated_and_documented(client):

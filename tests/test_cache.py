@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import orjson
 
-from explorer.engine import ByteLRU, ModelWorker
-from explorer.service import PREFETCH_POSITIONS, Explorer
+from explorer.operations import predict
+from explorer.operations.predict import PREFETCH_POSITIONS
+from explorer.runtime.engine import ByteLRU, ModelWorker
+from model_utils import Explorer
 from tests.conftest import TEXT
 
 
@@ -64,7 +66,7 @@ def test_prefetch_is_dropped_when_the_run_was_evicted(tiny_model, calls):
     seq = len(ex.run(TEXT).token_ids)
     release = threading.Event()
     ex.worker.submit(lambda: release.wait(10))  # hold the worker so the idle jobs wait
-    ex._prefetch_lens(TEXT, 1, seq)
+    predict._prefetch(ex, TEXT, 1, seq)
     ex.cache.clear()
     release.set()
     assert ex.worker.wait_idle(30)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app import create_app
-from explorer.loading import execution_device, parse_max_memory, placement
+from explorer.runtime.loading import execution_device, parse_max_memory, placement
 from model_utils import ModelLoadError, load_model
 from tests.conftest import EVERY_ENDPOINT, TEXT, answer, max_diff
 

@@ -8,18 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from explorer import openapi, schemas
-from explorer.web.heads import AblateResponse, AttributionPatchResponse, ChgResult
+from explorer.operations import OPERATIONS
+from explorer.web import openapi
 from scripts.make_examples import EXAMPLES, JOB_EXAMPLES
 from tests.test_patching import wait_job
 
 ROOT = Path(__file__).resolve().parent.parent
-RESPONSES = {"/tokenize": schemas.TokenizeResponse, "/trace": schemas.TraceResponse,
-             "/predict": schemas.PredictResponse, "/attention": schemas.AttentionResponse,
-             "/model": schemas.ModelInfo, "/models": schemas.ModelsResponse, "/ablate": AblateResponse,
-             "/attribution_patch": AttributionPatchResponse}
-RESPONSES.update({path: openapi.POSTS[path][1] for path in ("/lens", "/score", "/dla", "/patch", "/causal_trace")})
-JOB_RESULTS = {"/jobs/chg": ChgResult}
+RESPONSES = {path: op.response for path, op in OPERATIONS.items() if op.mode != "job"}
+RESPONSES.update({"/model": openapi.ModelInfo, "/models": openapi.ModelsResponse})
+JOB_RESULTS = {path: op.response for path, op in OPERATIONS.items() if op.mode == "job"}
 
 
 @pytest.mark.parametrize("name,path,body", EXAMPLES, ids=[e[0] for e in EXAMPLES])
@@ -46,7 +43,7 @@ def test_job_example_matches_contract(client, name, path, body):
     data = json.loads((ROOT / "examples" / name).read_text())
     meta = data.pop("_example")
     assert meta["request"] == {"method": "POST", "path": path, "body": body}
-    status = schemas.JobStatus.model_validate(data)
+    status = openapi.JobStatus.model_validate(data)
     assert status.status == "done" and status.kind == path.rsplit("/", 1)[1]
     JOB_RESULTS[path].model_validate(status.result)
     live = client.post(path, json={**body, "steps": 1})  # the same request is still accepted
@@ -71,7 +68,7 @@ def curl_examples() -> list[tuple[str, str, dict | None, int]]:
 
 def test_api_md_has_a_curl_example_per_endpoint():
     paths = {p for _, p, _, _ in curl_examples()}
-    documented = {"/openapi.json"} | set(openapi.POSTS) | set(openapi.GETS) | {"/jobs/0123456789abcdef"}
+    documented = {"/openapi.json"} | set(OPERATIONS) | set(openapi.GETS) | {"/jobs/0123456789abcdef"}
     assert documented <= paths, documented - paths
 
 

@@ -18,7 +18,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from app import create_app
-from explorer import loading
+from explorer.runtime import loading
 from model_utils import load_model
 from tests.families import FAMILIES, build, hf_layers, hf_model, hf_readout
 from tests.test_patching import HFPatcher, ok, wait_job
@@ -427,7 +427,7 @@ def _http_error(status: int) -> Exception:
 def test_gated_or_private_model_load_error_explains_hf_token(monkeypatch, make_error, gated):
     from transformer_lens.model_bridge import TransformerBridge
 
-    from explorer.loading import ModelLoadError
+    from explorer.runtime.loading import ModelLoadError
 
     def refuse(*args, **kwargs):
         raise make_error()

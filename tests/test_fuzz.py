@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import create_app
-from explorer import openapi
-from explorer.jobs import JobManager
+from explorer.operations import OPERATIONS as REGISTERED
+from explorer.runtime.jobs import JobManager
+from explorer.web import openapi
 
 FUZZ_CASES_PER_OPERATION = 100
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -58,7 +59,7 @@ FUZZ_COUNTS: dict[str, int] = {}
 
 # schemathesis' pytest plugin does not support pytest 9, so its strategies drive hypothesis here.
 # Every operation the document lists, so each new endpoint is fuzzed as soon as it is documented.
-POSTS = [f"POST {path}" for path in openapi.POSTS]
+POSTS = [f"POST {path}" for path in REGISTERED]
 GETS = [f"GET {path}" for path in openapi.GETS] + ["GET /jobs/{job_id}", "DELETE /jobs/{job_id}"]
 OPERATIONS = [(op, GenerationMode.POSITIVE) for op in POSTS + GETS]
 OPERATIONS += [(op, GenerationMode.NEGATIVE) for op in POSTS]  # GETs take only free strings (a job id, /model's name)
@@ -105,17 +106,17 @@ json_values = st.recursive(
 
 
 # Every field any endpoint takes ("async" aside: jobs would pile up), plus one none takes.
-FIELDS = sorted({f.alias or name for req, _, _ in openapi.POSTS.values() for name, f in req.model_fields.items()}
+FIELDS = sorted({f.alias or name for op in REGISTERED.values() for name, f in op.request.model_fields.items()}
                 - {"async"} | {"other"})
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=5),
-       path=st.sampled_from(list(openapi.POSTS)))
+       path=st.sampled_from(list(REGISTERED)))
 def test_any_json_object_gets_200_or_json_400(fuzz_app, body, path):
     r = fuzz_app.test_client().post(path, json=body)
     # a path that always starts a job answers 202, or 503 when too many are running
-    allowed = (202, 400, 503) if path in openapi.JOB_POSTS else (200, 400)
+    allowed = (202, 400, 503) if REGISTERED[path].mode == "job" else (200, 400)
     assert r.status_code in allowed, (r.status_code, r.data[:200])
     data = r.get_json()
     assert ("error" in data) == (r.status_code >= 400)

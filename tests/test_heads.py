@@ -113,7 +113,7 @@ def test_ablate_async_equals_sync(client):
     ({"site": "neurons"}, "site must be one of 'heads', 'attn', 'mlp'"),
     ({"method": "resample"}, "method must be one of 'mean', 'zero'"),
     ({"method": "zero", "reference_texts": ["a"]}, "reference_texts applies only to method 'mean'"),
-    ({"reference_texts": []}, "reference_texts must hold 1 to 64 texts, got 0"),
+    ({"reference_texts": []}, "reference_texts must hold between 1 and 64 texts, got 0"),
     ({"reference_texts": ["ok", ""]}, "reference_texts[1]: text must be a non-empty string"),
     ({"reference_texts": ["word " * 100]}, "reference_texts[0]: text is 102 tokens long"),
     ({"reference_texts": "a text"}, "reference_texts must be a list of strings"),
@@ -379,7 +379,7 @@ def test_chg_job_route_beside_get_and_delete(client):
 
 
 @pytest.mark.parametrize("change,needle", [
-    ({"texts": []}, "texts must hold 1 to 64 texts, got 0"),
+    ({"texts": []}, "texts must hold between 1 and 64 texts, got 0"),
     ({"targets": [" Mary", " mat"]}, "targets must hold one answer per text: 1 texts, 2 targets"),
     ({"targets": [" Mary Ann"]}, "targets[0] ' Mary Ann' is 2 tokens"),
     ({"targets": [10**6]}, "targets[0] must be a token id between 0 and"),
@@ -402,7 +402,7 @@ def test_chg_bad_requests(client, change, needle):
 def test_chg_micro_batches_equal_one_batch(client, monkeypatch):
     """Texts of different lengths padded into one batch, or one text per chunk with the step's
     gradient summed over chunks: the same training."""
-    from explorer import chg, replay
+    from explorer.math import chg, replay
 
     body = {"texts": CHG_PROMPTS, "targets": [" mat", " Mary", " Paris", " six"], "steps": 5, "seed": 3}
     ids = [ids_of(client, t) for t in CHG_PROMPTS]

@@ -9,8 +9,10 @@ import orjson
 import pytest
 import torch
 
-from explorer import analysis, lens
-from explorer.service import Explorer
+from explorer.math import forward as analysis
+from explorer.math import lens
+from explorer.operations import lens as lens_op
+from model_utils import Explorer
 from tests.conftest import TEXT
 
 TEXTS = [TEXT, "Hello, world! Ünïcödé → 数学 and emoji 🙂 too.", "One two three four five six seven eight."]
@@ -168,7 +170,7 @@ def test_lens_and_predict_share_the_cached_readout(tiny_model, readouts):
 
 
 def test_lens_position_bound(client, monkeypatch):
-    monkeypatch.setattr(lens, "LENS_MAX_POSITIONS", 4)
+    monkeypatch.setattr(lens_op, "MAX_POSITIONS", 4)
     r = client.post("/lens", json={"text": TEXT})
     assert r.status_code == 400 and "at most 4 positions" in r.get_json()["error"]
     assert client.post("/lens", json={"text": TEXT, "positions": [0, 1, 2, 3]}).status_code == 200

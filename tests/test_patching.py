@@ -190,7 +190,7 @@ def test_identical_prompts_give_null_recovery_with_warning(client):
 
 
 def test_second_site_reuses_the_cached_runs(client, monkeypatch):
-    from explorer import replay
+    from explorer.math import replay
 
     captured = []
     real = replay.capture
@@ -384,7 +384,7 @@ def wait_job(client, job: str, timeout: float = 60) -> dict:
 @pytest.fixture()
 def one_row_chunks(monkeypatch):
     """Chunks of one cell each, so a sweep of the tiny model spans many worker jobs."""
-    from explorer import replay
+    from explorer.math import replay
 
     monkeypatch.setattr(replay, "row_budget", lambda cfg, seq, device: (1, float("inf")))
 
@@ -418,7 +418,7 @@ def test_bad_async_request_is_refused_before_any_job(client):
 
 
 def test_cancel_stops_a_job_between_chunks(client, one_row_chunks, monkeypatch):
-    from explorer import replay
+    from explorer.math import replay
 
     runs = []
     real = replay.run_rows
@@ -463,7 +463,7 @@ def test_interactive_requests_are_served_while_a_sweep_runs(app, client, one_row
 
 def test_jobs_are_bounded(tiny_model, one_row_chunks):
     from app import create_app
-    from explorer.jobs import JobManager
+    from explorer.runtime.jobs import JobManager
 
     app = create_app(model=tiny_model)
     app.extensions["jobs"] = JobManager(max_jobs=4, max_running=2)

@@ -99,18 +99,18 @@ def test_full_queue_answers_503_at_once_and_health_stays_up(tiny_model):
 
 
 def test_model_error_is_json_500_and_leaves_server_working(tiny_model, monkeypatch):
-    import explorer.analysis
+    import explorer.math.forward
 
     app = create_app(model=tiny_model)
     client = app.test_client()
-    real = explorer.analysis.forward
-    monkeypatch.setattr(explorer.analysis, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = explorer.math.forward.forward
+    monkeypatch.setattr(explorer.math.forward, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     r = client.post("/tokenize", json={"text": "x"})
     assert r.status_code == 200  # tokenizing needs no forward pass
     r = client.post("/trace", json={"text": "fails once"})
     assert r.status_code == 500 and r.get_json() == {"error": "internal error (details are in the server log)"}
     assert b"Traceback" not in r.data and b"boom" not in r.data
-    monkeypatch.setattr(explorer.analysis, "forward", real)
+    monkeypatch.setattr(explorer.math.forward, "forward", real)
     assert client.post("/trace", json={"text": "fails once"}).status_code == 200
 
 

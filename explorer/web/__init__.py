@@ -1,11 +1,11 @@
-"""HTTP layer: one Flask blueprint per topic, each route parse -> validate -> one core call -> JSON."""
+"""The web floor: HTTP only — parse, call one operation, serialize, errors."""
 from __future__ import annotations
 
 from flask import Flask
 
-from . import causal, core, heads, jobs, lens
+from . import info, jobs, operations
 
 
 def register(app: Flask) -> None:
-    for module in (core, causal, heads, jobs, lens):
+    for module in (info, operations, jobs):
         app.register_blueprint(module.bp)

@@ -1,15 +1,14 @@
-"""What every blueprint shares: JSON in and out, the model a request names, jobs."""
+"""What every route shares: JSON in and out, the loaded models, the jobs."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 from flask import Response, current_app, request
 
-from .. import schemas
-from ..analysis import InvalidRequest
-from ..jobs import JobManager
-from ..service import Explorer, Models
+from ..errors import InvalidRequest
+from ..runtime.jobs import JobManager
+from ..session import Models
 
 
 class UnsupportedType(Exception):
@@ -39,19 +38,5 @@ def models() -> Models:
     return current_app.extensions["models"]
 
 
-def parse(model: type[schemas.Request]) -> tuple[Any, Explorer]:
-    """The validated request body and the explorer of the model it names (default: the first)."""
-    req = schemas.parse(model, request_json())
-    return req, models().get(req.model)
-
-
 def job_manager() -> JobManager:
     return current_app.extensions["jobs"]
-
-
-def run_job(kind: str, steps: Iterator[Any], ex: Explorer, run_async: bool) -> Response:
-    """A long computation: its result (200), or with `"async": true` its job id (202) at once."""
-    if run_async:
-        job = job_manager().start(kind, steps, ex.worker)
-        return json_response({"job": job.id}, 202, {"Location": f"/jobs/{job.id}"})
-    return json_response(job_manager().run(kind, steps, ex.worker))

@@ -1,4 +1,4 @@
-"""Polling and cancelling long computations started with `"async": true`."""
+"""Polling and cancelling long computations started with `"async": true` (or POST /jobs/chg)."""
 from __future__ import annotations
 
 from flask import Blueprint, Response

@@ -1,46 +1,44 @@
-"""Long model work (sweeps, training) as jobs: chunks that the model worker runs one at a time.
+"""Long model work as chunks that the model worker runs one at a time: jobs, and synchronous runs.
 
-A job is a generator. Each `next()` runs one chunk on the model worker and yields the progress
-so far (a float in [0, 1], or a dict with `progress` and any other fields to show, such as a
-training stage and loss); its `return` value is the JSON-ready result. After each chunk the next
-one is queued behind the requests already waiting, so interactive requests (another user's
+Work is a generator (`Steps`). Each `next()` runs one chunk on the model worker and yields the
+progress so far (a float in [0, 1], or a dict with `progress` and any other fields to show, such
+as a training stage and loss); its `return` value is the JSON-ready result. After each chunk the
+next one is queued behind the requests already waiting, so interactive requests (another user's
 `/attention`, a hover in the viewer) are answered between chunks instead of after the sweep.
 
-The same path serves synchronous requests (the HTTP thread waits for the job) and `"async": true`
-ones (202 with the job's id; `GET /jobs/{id}` polls, `DELETE /jobs/{id}` cancels). At most
-`MAX_JOBS` jobs are kept; a finished job is forgotten `JOB_TTL_SECONDS` after it ended.
+`"async": true` requests become jobs in the `JobManager` (202 with the job's id; `GET /jobs/{id}`
+polls, `DELETE /jobs/{id}` cancels); at most `MAX_RUNNING_JOBS` run at once, at most `MAX_JOBS`
+are kept, and a finished one is forgotten `JOB_TTL_SECONDS` after it ended. A synchronous
+request runs the same chunks through `run_sync`, outside the manager (it holds no job slot): it
+stops between chunks when its client is gone.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import secrets
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Any, Generator, Iterator
+from typing import Any, Callable, Generator
 
-from .analysis import InvalidRequest
-from .engine import ModelWorker, Overloaded
+from ..errors import Cancelled, InvalidRequest, Overloaded
+from .engine import ModelWorker
 
 log = logging.getLogger("explorer")
 
 MAX_JOBS = 32  # kept at once, running or finished; a new one past this evicts the oldest finished
 MAX_RUNNING_JOBS = 8  # unfinished at once; more get 503 (each holds its runs while it waits)
 JOB_TTL_SECONDS = 600  # a finished job's result stays readable this long
+POLL_SECONDS = 0.25  # how often a synchronous run looks at its client between chunks
 
-JobSteps = Generator[Any, None, Any]
-
-
-class Cancelled(Exception):
-    """The job was cancelled (`DELETE /jobs/{id}`)."""
+Steps = Generator[Any, None, Any]
 
 
 class Job:
     """One unit of long work and what `GET /jobs/{id}` reports about it."""
 
-    def __init__(self, kind: str, steps: Iterator[Any], worker: ModelWorker) -> None:
+    def __init__(self, kind: str, steps: Steps, worker: ModelWorker) -> None:
         self.id = secrets.token_hex(8)
         self.kind = kind
         self.status = "queued"  # queued | running | cancelling | done | error | cancelled
@@ -57,6 +55,7 @@ class Job:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        """Queue the first chunk; `Overloaded` when the model queue is full."""
         self._worker.submit(self._step)
 
     def cancel(self) -> bool:
@@ -99,9 +98,7 @@ class Job:
         with self._lock:
             self.status, self.result, self.error = status, result, error
             self.ended = time.time()
-        close = getattr(self._steps, "close", None)
-        if close is not None:
-            close()  # on the worker thread: releases whatever the generator holds
+        self._steps.close()  # on the worker thread: releases whatever the generator holds
         if status == "done":
             self.done.set_result(result)
         elif status == "cancelled":
@@ -119,6 +116,23 @@ class Job:
         return out
 
 
+def run_sync(kind: str, steps: Steps, worker: ModelWorker, gone: Callable[[], bool] = lambda: False) -> Any:
+    """Run `steps` chunk by chunk on `worker` and return the result (a synchronous request).
+
+    Its first chunk is admitted like any request (`Overloaded` when the queue is full); it takes no
+    job slot. `gone()` is asked between chunks: once it is true (the client disconnected) the work
+    stops before its next chunk and `Cancelled` is raised.
+    """
+    job = Job(kind, steps, worker)
+    job.start()
+    while True:
+        try:
+            return job.done.result(timeout=POLL_SECONDS)
+        except TimeoutError:
+            if gone():
+                job.cancel()
+
+
 class JobManager:
     """The jobs of one server (all models): bounded in number, forgotten after a while."""
 
@@ -130,7 +144,7 @@ class JobManager:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
 
-    def start(self, kind: str, steps: Iterator[Any], worker: ModelWorker) -> Job:
+    def start(self, kind: str, steps: Steps, worker: ModelWorker) -> Job:
         """Register and queue a job; `Overloaded` (503) when too many are unfinished."""
         job = Job(kind, steps, worker)
         with self._lock:
@@ -139,15 +153,15 @@ class JobManager:
             if running >= self.max_running:
                 raise Overloaded(f"{running} jobs are already running (at most {self.max_running}); "
                                  "wait for one to finish or cancel one", retry_after=5)
+            job.start()  # before registering: a job refused by a full queue holds no slot
             while len(self._jobs) >= self.max_jobs:
                 oldest = next((k for k, j in self._jobs.items() if j.ended is not None))
                 del self._jobs[oldest]
             self._jobs[job.id] = job
-        job.start()
         return job
 
-    def run(self, kind: str, steps: Iterator[Any], worker: ModelWorker) -> Any:
-        """Run a job to its end and return its result (a synchronous request)."""
+    def run(self, kind: str, steps: Steps, worker: ModelWorker) -> Any:
+        """Run a job to its end and return its result (notebooks: progress readable meanwhile)."""
         return self.start(kind, steps, worker).done.result()
 
     def get(self, job_id: str) -> Job | None:
@@ -159,10 +173,3 @@ class JobManager:
         now = time.time()
         for key in [k for k, j in self._jobs.items() if j.ended is not None and now - j.ended > self.ttl_seconds]:
             del self._jobs[key]
-
-
-def chunked(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """`items` in consecutive lists of at most `size`."""
-    it = iter(items)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk

@@ -1,4 +1,4 @@
-"""Causal Head Gating (`POST /jobs/chg`; Nam et al., NeurIPS 2025, arXiv 2505.13737).
+"""Causal Head Gating (`operations.chg`, `POST /jobs/chg`; Nam et al., NeurIPS 2025, arXiv 2505.13737).
 
 One gate per head, `G = sigmoid(logit)` in [0, 1], scales the head's output before the output
 projection (`hook_z`); the model's weights stay frozen. The gates minimise the targets'
@@ -29,57 +29,20 @@ only inside each chunk's computation.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
+from typing import Any, Generator, Sequence
 
 import numpy as np
 import torch
 
 from . import replay
-from .analysis import InvalidRequest, StopForward, readout
-from .targets import Target, TokenSpec, token_id
-
-if TYPE_CHECKING:
-    from .service import Explorer
+from .forward import readout, resid_hook, run_until
+from .steps import Steps
+from .target import Target
 
 STAGES = (("unregularized", 0.0), ("toward_zero", 1.0), ("toward_one", -1.0))  # sign of lambda in the loss
-DEFAULT_STEPS = 100
-MAX_STEPS = 1000
-DEFAULT_LR = 0.5
-MAX_LR = 10.0
-DEFAULT_LAMBDA = 0.1
-MAX_LAMBDA = 10.0
-MAX_TEXTS = 64
 LOGIT_CLIP = 4.0
 THRESHOLD = 0.5
 LABELS = ("facilitating", "interfering", "irrelevant", "ambiguous")
-
-
-def chg(ex: "Explorer", texts: Sequence[str], targets: Sequence[TokenSpec], steps: int, lr: float,
-        lam: float, seed: int) -> Iterator[Any]:
-    """Validate a CHG request now (400s before the job starts); return the job's steps."""
-    ex.require_causal("POST /jobs/chg")
-    if not 1 <= len(texts) <= MAX_TEXTS:
-        raise InvalidRequest(f"texts must hold 1 to {MAX_TEXTS} texts, got {len(texts)}")
-    if len(targets) != len(texts):
-        raise InvalidRequest(f"targets must hold one answer per text: {len(texts)} texts, {len(targets)} targets")
-    if not 1 <= steps <= MAX_STEPS:
-        raise InvalidRequest(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-    if not (np.isfinite(lr) and 0 < lr <= MAX_LR):
-        raise InvalidRequest(f"lr must be a number above 0 and at most {MAX_LR}, got {lr}")
-    if not (np.isfinite(lam) and 0 <= lam <= MAX_LAMBDA):
-        raise InvalidRequest(f"lambda must be between 0 and {MAX_LAMBDA}, got {lam}")
-    if not 0 <= seed < 2**63:
-        raise InvalidRequest(f"seed must be between 0 and {2**63 - 1}, got {seed}")
-    ids = []
-    for i, text in enumerate(texts):
-        try:
-            ids.append(ex.tokens(text)[0])
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"texts[{i}]: {exc}") from None
-    d_vocab = int(ex.model.cfg.d_vocab)
-    answers = [token_id(f"targets[{i}]", t, ex.encode, lambda j: ex.vocab_strs[j], d_vocab)
-               for i, t in enumerate(targets)]
-    return _chg_steps(ex, ids, answers, steps, lr, lam, seed)
 
 
 def micro_batches(ids: Sequence[Sequence[int]], cfg: Any) -> list[list[int]]:
@@ -111,20 +74,12 @@ def nll_sum(bridge: Any, tokens: torch.Tensor, last: torch.Tensor, answers: Sequ
     scaled by its gate (gates [n_layers, n_heads]; None: the model as it is)."""
     n_layers = int(bridge.cfg.n_layers)
     final: list[torch.Tensor] = []
-
-    def stop(tensor: torch.Tensor, hook: Any) -> None:
-        final.append(tensor)
-        raise StopForward
-
-    hooks = [(f"blocks.{n_layers - 1}.hook_resid_post", stop)]
+    stop = resid_hook(n_layers - 1)
+    hooks = [(stop, lambda tensor, hook: final.append(tensor))]
     if gates is not None:  # z: [batch, pos, n_heads, d_head]
         hooks += [(replay.SITE_HOOKS["z"].format(l), lambda z, hook, g=gates[l]: z * g.to(z.device, z.dtype)[:, None])
                   for l in range(n_layers)]
-    try:
-        with bridge.hooks(fwd_hooks=hooks):
-            bridge(tokens)
-    except StopForward:
-        pass
+    run_until(bridge, tokens, hooks, stop)
     states = final[0][torch.arange(len(last), device=last.device), last]  # [rows, d_model]
     logits = readout(bridge, states[:, None, :])[:, 0]
     return -sum(Target(a).metric(row) for a, row in zip(answers, logits))
@@ -137,9 +92,11 @@ def taxonomy(toward_zero: np.ndarray, toward_one: np.ndarray) -> list[list[str]]
     return [[LABELS[i] for i in row] for row in index]
 
 
-def _chg_steps(ex: "Explorer", ids: list[tuple[int, ...]], answers: list[int], steps: int, lr: float,
-               lam: float, seed: int) -> Iterator[Any]:
-    bridge, cfg = ex.model.bridge, ex.model.cfg
+def train(bridge: Any, ids: list[tuple[int, ...]], answers: list[int], steps: int, lr: float, lam: float,
+          seed: int) -> Steps:
+    """The three stages of gate training, one micro-batch per chunk; returns the gates, losses and
+    taxonomy (the JSON-ready fields of a CHG result but the targets)."""
+    cfg = bridge.cfg
     n_layers, n_heads, device = int(cfg.n_layers), int(cfg.n_heads), cfg.device
     with torch.inference_mode(False):  # autograd saves the token ids (the embedding's backward)
         batches = [(_padded(ids, rows, device), [answers[i] for i in rows]) for rows in micro_batches(ids, cfg)]
@@ -196,7 +153,7 @@ def _chg_steps(ex: "Explorer", ids: list[tuple[int, ...]], answers: list[int], s
         **result, "taxonomy": labels,
         "counts": {label: sum(row.count(label) for row in labels) for label in LABELS},
         "threshold": THRESHOLD, "logit_clip": LOGIT_CLIP,
-        "targets": [{"token": ex.vocab_strs[a], "token_id": a} for a in answers], "n_texts": len(ids),
+        "n_texts": len(ids),
         "steps": steps, "lr": lr, "lambda": lam, "seed": seed,
         "rows": [f"L{l}" for l in range(n_layers)], "columns": [f"H{h}" for h in range(n_heads)],
     }

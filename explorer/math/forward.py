@@ -1,22 +1,19 @@
-"""Core computations: forward pass capture, trajectories (PCA), attention and the logit lens.
-
-Functions that touch the model (`forward`, `lens_top_k`) must run on the model worker thread;
-the others work on a cached `Run` and return plain JSON types.
+"""The model's forward pass and what is read from it: the cached run of a text, the readout
+(final norm + unembedding), PCA trajectories and the logit lens. Pure functions of tensors and
+the bridge; those that touch the model must run on the model worker thread.
 """
 from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Iterable, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from .engine import Run
-from .loading import execution_device
+from ..runtime.loading import execution_device
 
-ATTENTION_DIGITS = 4  # significant digits: float16 holds ~3.3, so the 4th adds at most 5e-4 relative
-PROBABILITY_DIGITS = 6  # significant digits: lens probabilities span many orders of magnitude
 # Cached float16 patterns hold weight * 2^15: float16's normal range then reaches down to
 # 2^-14 / 2^15 ~ 1.9e-9 (subnormals to 2^-39 ~ 1.8e-12) instead of 6.1e-5 (6e-8), so small
 # weights keep their relative precision; the largest value, 2^15, is far below float16's 65504.
@@ -24,21 +21,64 @@ PATTERN_SCALE = 2.0 ** 15
 # A nonzero weight below even the scaled subnormal range is stored as the smallest subnormal
 # (2^-39 ~ 1.8e-12, 0 only for exact zeros such as masked future positions), never as 0.
 SMALLEST_SUBNORMAL = 2.0 ** -24
-LENS_TOP_K_MAX = 100  # top_k is bounded; each position's lens is computed once at this size
+LENS_TOP_K = 100  # each position's lens keeps this many top tokens (the most any request reads)
 
 
-def significant(value: float, digits: int) -> float:
-    """`value` rounded to `digits` significant digits: every number the API rounds goes through
-    here, so small values keep their relative precision (no small nonzero value becomes 0)."""
-    return float(f"{value:.{digits}g}")
+@dataclass
+class Run:
+    """Cached activations of one text.
 
+    token_ids: [seq] (BOS first, on the CPU); resid: [n_layers, seq, d_model] float32 (resid_post
+    of each block); patterns: [n_layers, n_heads, seq, seq] float16 holding weight * 2^15
+    (`PATTERN_SCALE`; row = query, column = key). resid and patterns live on the model's device.
+    """
 
-class InvalidRequest(ValueError):
-    """A request that is well-formed JSON but asks for something out of range (HTTP 400)."""
+    token_ids: torch.Tensor
+    resid: torch.Tensor
+    patterns: torch.Tensor
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self.token_ids, self.resid, self.patterns))
 
 
 class StopForward(Exception):
-    """Raised by our own hook after the last block: the unembedding is never needed here."""
+    """Raised by our own hook after the last hook a pass needs: the rest is never computed."""
+
+
+Hook = Callable[[torch.Tensor, Any], Any]
+
+
+def run_until(bridge: Any, tokens: torch.Tensor, hooks: Sequence[tuple[str, Hook]], stop: str) -> None:
+    """Run the model on `tokens` with `hooks` attached for this call only, and stop the pass
+    right after the hooks at `stop` have run (no later block, no unembedding). Every hook point
+    named must be reached; a RuntimeError names those that were not. The one place a pass is cut
+    short: the cached run, activations for patching, DLA, gradients and gates all use it."""
+    seen: set[str] = set()
+
+    def seeing(name: str, fn: Hook) -> Hook:
+        def hook(tensor: torch.Tensor, hook: Any) -> Any:
+            seen.add(name)
+            return fn(tensor, hook)
+        return hook
+
+    def halt(tensor: torch.Tensor, hook: Any) -> None:
+        raise StopForward
+
+    attached = [(name, seeing(name, fn)) for name, fn in hooks] + [(stop, halt)]
+    try:
+        with bridge.hooks(fwd_hooks=attached):
+            bridge(tokens)
+    except StopForward:
+        pass
+    missing = [name for name, _ in hooks if name not in seen]
+    if missing:
+        raise RuntimeError(f"forward pass did not reach hooks {missing[:3]}")
+
+
+def tokens_tensor(bridge: Any, batch: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Token ids (equal lengths) as a [batch, seq] long tensor on the model's device."""
+    return torch.tensor([list(ids) for ids in batch], dtype=torch.long, device=bridge.cfg.device)
 
 
 def resid_hook(layer: int) -> str:
@@ -68,8 +108,7 @@ def forward_batch(bridge: Any, batch: Sequence[Sequence[int]]) -> list[Run]:
     cfg = bridge.cfg
     n_layers, seq = int(cfg.n_layers), max(len(ids) for ids in batch)
     pad = 0  # any id: causal attention never lets a real position see it
-    tokens = torch.tensor([list(ids) + [pad] * (seq - len(ids)) for ids in batch], dtype=torch.long,
-                          device=cfg.device)
+    tokens = tokens_tensor(bridge, [list(ids) + [pad] * (seq - len(ids)) for ids in batch])
     # Each hook copies into tensors preallocated on the model's device (patterns straight to
     # scaled float16, `store_pattern`), so no layer's float32 pattern outlives its block and
     # nothing is stacked afterwards: at 1024 tokens that is 600 MB less to allocate and copy. On a GPU the run stays
@@ -77,27 +116,15 @@ def forward_batch(bridge: Any, batch: Sequence[Sequence[int]]) -> list[Run]:
     size = len(batch)
     resid = torch.empty(size, n_layers, seq, int(cfg.d_model), dtype=torch.float32, device=cfg.device)
     patterns = torch.empty(size, n_layers, int(cfg.n_heads), seq, seq, dtype=torch.float16, device=cfg.device)
-    seen: set[str] = set()
-    last = resid_hook(n_layers - 1)
 
-    def keep(name: str, out: torch.Tensor, store: Any = torch.Tensor.copy_):
+    def keep(out: torch.Tensor, store: Any = torch.Tensor.copy_) -> Hook:
         def hook(tensor: torch.Tensor, hook: Any) -> None:
             store(out, tensor.detach())  # detach: callers outside inference_mode (notebooks) too
-            seen.add(name)
-            if name == last:
-                raise StopForward
         return hook
 
-    hooks = [(pattern_hook(l), keep(pattern_hook(l), patterns[:, l], store_pattern)) for l in range(n_layers)]
-    hooks += [(resid_hook(l), keep(resid_hook(l), resid[:, l])) for l in range(n_layers)]
-    try:
-        with bridge.hooks(fwd_hooks=hooks):
-            bridge(tokens)
-    except StopForward:
-        pass
-    missing = [name for name, _ in hooks if name not in seen]
-    if missing:
-        raise RuntimeError(f"forward pass did not reach hooks {missing[:3]}")
+    hooks = [(pattern_hook(l), keep(patterns[:, l], store_pattern)) for l in range(n_layers)]
+    hooks += [(resid_hook(l), keep(resid[:, l])) for l in range(n_layers)]
+    run_until(bridge, tokens, hooks, resid_hook(n_layers - 1))
     if size == 1:
         return [Run(token_ids=tokens[0].cpu(), resid=resid[0], patterns=patterns[0])]
     return [Run(token_ids=tokens[b, :len(ids)].cpu(), resid=resid[b, :, :len(ids)].clone(),
@@ -120,54 +147,11 @@ def store_pattern(out: torch.Tensor, pattern: torch.Tensor) -> None:
 def layer_pattern(bridge: Any, token_ids: Sequence[int], layer: int) -> np.ndarray:
     """The attention pattern of `layer` as the model computes it, in float32 (the cached run
     holds it scaled in float16): [n_heads, seq, seq]. One forward pass through blocks 0..layer."""
-    tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=bridge.cfg.device)
     found: list[torch.Tensor] = []
-
-    def hook(tensor: torch.Tensor, hook: Any) -> None:
-        found.append(tensor.detach()[0].float().cpu())
-        raise StopForward
-
-    try:
-        with bridge.hooks(fwd_hooks=[(pattern_hook(layer), hook)]):
-            bridge(tokens)
-    except StopForward:
-        pass
-    if not found:
-        raise RuntimeError(f"forward pass did not reach {pattern_hook(layer)}")
+    name = pattern_hook(layer)
+    keep = lambda t, hook: found.append(t.detach()[0].float().cpu())  # noqa: E731
+    run_until(bridge, tokens_tensor(bridge, [token_ids]), [(name, keep)], name)
     return found[0].numpy()
-
-
-def check_index(name: str, value: int, size: int) -> None:
-    if not 0 <= value < size:
-        raise InvalidRequest(f"{name} must be between 0 and {size - 1}, got {value}")
-
-
-def check_choice(name: str, value: str, allowed: Iterable[str]) -> None:
-    if value not in allowed:
-        raise InvalidRequest(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def check_positions(name: str, positions: Sequence[int], seq: int) -> list[int]:
-    """`positions` as a list, if non-empty, distinct and each in 0 .. seq-1; 400 naming `name` otherwise."""
-    if not positions:
-        raise InvalidRequest(f"{name} must not be empty")
-    for i in positions:
-        check_index(f"{name}[]", i, seq)
-    if len(set(positions)) != len(positions):
-        raise InvalidRequest(f"{name} must not contain duplicates")
-    return list(positions)
-
-
-def check_token_indices(token_indices: Sequence[int] | None, seq: int, n_layers: int,
-                        text_positions: Sequence[int]) -> list[int]:
-    """Validated trace indices; default: the text's own tokens (`text_positions`: not BOS or
-    another special token the server added), or position 0 when there are none."""
-    if token_indices is None:
-        token_indices = list(text_positions) or [0]
-    token_indices = check_positions("token_indices", token_indices, seq)
-    if len(token_indices) * n_layers < 2:
-        raise InvalidRequest("trace needs at least 2 points (tokens x layers) for a 2D PCA")
-    return list(token_indices)
 
 
 _PCA_LOCK = threading.Lock()
@@ -238,7 +222,7 @@ def trace_pca(run: Run, token_indices: Sequence[int]) -> tuple[np.ndarray, np.nd
 
     Fit on resid[:, token_indices] ([n_layers * len(indices), d_model]) so all points share one
     coordinate system. Returns (xy [len(indices), n_layers, 2], explained-variance ratios [2]).
-    Indices must pass `check_token_indices`.
+    Indices must be valid positions.
     """
     n_layers, _, d_model = run.resid.shape
     index = torch.tensor(list(token_indices), dtype=torch.long, device=run.resid.device)
@@ -247,41 +231,8 @@ def trace_pca(run: Run, token_indices: Sequence[int]) -> tuple[np.ndarray, np.nd
     return flat.reshape(n_layers, len(index), 2).transpose(1, 0, 2), explained
 
 
-def trace(pca: tuple[np.ndarray, np.ndarray], token_indices: Sequence[int]) -> dict[str, Any]:
-    """Per-token trajectories from `trace_pca` output, as the /trace response fields."""
-    xy, explained = pca
-    return {
-        "trajectories": {
-            str(i): [{"layer": l, "x": float(xy[k, l, 0]), "y": float(xy[k, l, 1])} for l in range(xy.shape[1])]
-            for k, i in enumerate(token_indices)
-        },
-        "token_indices": list(token_indices),
-        "pca_explained_variance": [float(v) for v in explained],
-    }
-
-
-@functools.cache
-def _pattern_values() -> np.ndarray:
-    """Every float16 bit pattern (as uint16) -> the weight it stores (/ PATTERN_SCALE) rounded to
-    ATTENTION_DIGITS: [65536] float64. A table lookup instead of formatting millions of floats
-    keeps a 1024-token layer's serialization fast."""
-    with np.errstate(invalid="ignore"):  # the NaN bit patterns (never stored) stay NaN
-        stored = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64) / PATTERN_SCALE
-    return np.array([significant(v, ATTENTION_DIGITS) for v in stored])
-
-
-def attention(run: Run, layer: int, head: int | None) -> np.ndarray:
-    """Attention pattern(s) of `layer`: [seq, seq] for one head, else [n_heads, seq, seq] float64.
-
-    Rounded to ATTENTION_DIGITS significant digits of the cached float16 value; `layer` and
-    `head` must be in range (`check_index`).
-    """
-    pattern = run.patterns[layer] if head is None else run.patterns[layer, head]
-    return _pattern_values()[pattern.cpu().view(torch.int16).numpy().view(np.uint16)]
-
-
 class Lens(NamedTuple):
-    """The logit lens at one position, every layer: the top K = LENS_TOP_K_MAX tokens (probs,
+    """The logit lens at one position, every layer: the top K = LENS_TOP_K tokens (probs,
     logits, ids: [n_layers, K], most probable first) and, of the whole distribution, its entropy
     and KL(final || layer) in nats ([n_layers]; KL is exactly 0 at the last layer)."""
 
@@ -327,7 +278,7 @@ def lens_logits(bridge: Any, run: Run, position: int) -> torch.Tensor:
 
 def lens_summary(logits: torch.Tensor) -> Lens:
     """`Lens` of the lens logits [n_layers, d_vocab] at one position."""
-    k = min(LENS_TOP_K_MAX, logits.shape[-1])
+    k = min(LENS_TOP_K, logits.shape[-1])
     top_logits, ids = logits.topk(k, dim=-1)
     lse = logits.logsumexp(dim=-1, keepdim=True)
     probs = (top_logits - lse).exp()
@@ -342,21 +293,3 @@ def lens_top_k(bridge: Any, run: Run, position: int) -> Lens:
     """Logit lens at one position: softmax(unembed(ln_final(resid_post_l))) for every layer l,
     summarized as a `Lens`. Only this position is projected."""
     return lens_summary(lens_logits(bridge, run, position))
-
-
-def predictions(lens: Lens, top_k: int,
-                token_strs: Sequence[str]) -> list[dict[str, Any]]:
-    """`predictions_by_layer` from `lens_top_k` output; `token_strs` decodes vocabulary ids."""
-    probs, logits, ids = lens.probs, lens.logits, lens.ids
-    return [
-        {
-            "layer": layer,
-            "top_tokens": [
-                {"token": token_strs[int(ids[layer, j])], "token_id": int(ids[layer, j]),
-                 "probability": significant(probs[layer, j], PROBABILITY_DIGITS),
-                 "logit": round(float(logits[layer, j]), 4)}
-                for j in range(top_k)
-            ],
-        }
-        for layer in range(probs.shape[0])
-    ]

@@ -15,10 +15,11 @@ import threading
 import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, TypeVar
 
 import torch
+
+from ..errors import Overloaded
 
 log = logging.getLogger("explorer")
 T = TypeVar("T")
@@ -26,33 +27,6 @@ T = TypeVar("T")
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB: a few 1024-token GPT-2-small texts, hundreds of short ones
 DEFAULT_QUEUE_SIZE = 16
 DEFAULT_WAIT_SECONDS = 120.0
-
-
-class Overloaded(RuntimeError):
-    """The model queue is full (or the wait for a result timed out); try again later."""
-
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass
-class Run:
-    """Cached activations of one text.
-
-    token_ids: [seq] (BOS first, on the CPU); resid: [n_layers, seq, d_model] float32 (resid_post
-    of each block); patterns: [n_layers, n_heads, seq, seq] float16 holding weight * 2^15
-    (`analysis.PATTERN_SCALE`; row = query, column = key). resid and patterns live on the model's
-    device.
-    """
-
-    token_ids: torch.Tensor
-    resid: torch.Tensor
-    patterns: torch.Tensor
-    nbytes: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.nbytes = sum(t.numel() * t.element_size() for t in (self.token_ids, self.resid, self.patterns))
 
 
 def nbytes_of(value: Any) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .analysis import StopForward, readout, to_device_of
+from .forward import readout, resid_hook, run_until, to_device_of, tokens_tensor
 
 
 @dataclass
@@ -74,15 +74,13 @@ def _replayable(value: Any) -> Any:
 def capture(bridge: Any, token_ids: Sequence[int]) -> Acts:
     """One forward pass of `token_ids` keeping what `Acts` holds; stops after the last block."""
     n_layers = int(bridge.cfg.n_layers)
-    tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=bridge.cfg.device)
+    tokens = tokens_tensor(bridge, [token_ids])
     got: dict[str, torch.Tensor] = {}
-    last = f"blocks.{n_layers - 1}.hook_resid_post"
+    last = resid_hook(n_layers - 1)
 
     def keep(name: str):
         def hook(tensor: torch.Tensor, hook: Any) -> None:
             got[name] = tensor[0].detach().to(tokens.device, copy=True)  # one device, to stack
-            if name == last:
-                raise StopForward
         return hook
 
     names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)] + [last]
@@ -99,16 +97,12 @@ def capture(bridge: Any, token_ids: Sequence[int]) -> Acts:
 
     handles = [bridge.blocks[l].register_forward_pre_hook(record(l), with_kwargs=True) for l in range(n_layers)]
     try:
-        with bridge.hooks(fwd_hooks=[(n, keep(n)) for n in names]):
-            bridge(tokens)
-    except StopForward:
-        pass
+        run_until(bridge, tokens, [(n, keep(n)) for n in names], last)
     finally:
         for handle in handles:
             handle.remove()
-    missing = [n for n in names if n not in got]
-    if missing or any(b is None for b in blocks):
-        raise RuntimeError(f"forward pass did not reach hooks {missing[:3]}")
+    if any(b is None for b in blocks):
+        raise RuntimeError("forward pass did not reach every block")
     if blocks[0].hidden_in_kwargs:
         for b in blocks:
             b.kwargs.pop("hidden_states", None)

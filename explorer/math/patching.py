@@ -1,5 +1,5 @@
-"""Activation patching (`POST /patch`): which layer, position or head carries the difference
-between a clean and a corrupt prompt.
+"""Activation patching: which layer, position or head carries the difference between a clean and
+a corrupt prompt (`operations.patch`; ablation reuses the same cells).
 
 Denoising (the default) runs the corrupt prompt and patches in one clean activation per cell;
 noising runs the clean prompt and patches in a corrupt one. Every cell is one row of a batched
@@ -10,17 +10,17 @@ metric is the base run's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generator, Iterator
+from typing import Any, Generator, TypeVar
 
 import numpy as np
 import torch
 
 from . import replay
-from .analysis import check_choice, readout
-from .targets import Target, check_same_length, recovery
+from .forward import readout
+from .steps import over_chunks
+from .target import Target
 
-if TYPE_CHECKING:
-    from .service import Explorer
+T = TypeVar("T")
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "heads", "heads_by_position")
 DIRECTIONS = ("denoise", "noise")
@@ -45,7 +45,7 @@ def grid_cells(site: str, n_layers: int, n_heads: int, seq: int) -> tuple[list[C
             (n_layers, n_heads, seq))
 
 
-def _value(acts: replay.Acts, site: str, cell: Cell) -> torch.Tensor:
+def cell_value(acts: replay.Acts, site: str, cell: Cell) -> torch.Tensor:
     """The activation a cell replaces: [d_model], [seq, d_head] or [d_head]."""
     if site in ("heads", "heads_by_position"):
         z = acts.z[cell.layer]  # [seq, n_heads, d_head]
@@ -87,16 +87,16 @@ def final_logits(bridge: Any, acts: replay.Acts) -> torch.Tensor:
     return readout(bridge, acts.resid[-1:, -1:, :])[0, 0]
 
 
-def patch(ex: "Explorer", clean: str, corrupt: str, target: Target, site: str,
-          direction: str) -> Iterator[Any]:
-    """Validate a /patch request now (400s before any job starts); return its job's steps."""
-    ex.require_causal("POST /patch")
-    check_choice("site", site, SITES)
-    check_choice("direction", direction, DIRECTIONS)
-    clean_ids, clean_strs = ex.tokens(clean)
-    corrupt_ids, corrupt_strs = ex.tokens(corrupt)
-    check_same_length(clean_ids, corrupt_ids, clean_strs, corrupt_strs)
-    return _patch_steps(ex, clean, corrupt, target, site, direction)
+def base_and_source(direction: str, clean: T, corrupt: T) -> tuple[T, T]:
+    """(the run that is patched, the run patched in): denoise runs corrupt with clean
+    activations, noise runs clean with corrupt ones."""
+    return (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+
+
+def changed(site: str, cells: list[Cell], base: replay.Acts, source: replay.Acts) -> list[int]:
+    """Indices of the cells whose patched activation differs from the base run's (the others
+    would replay the base run: their metric is the base metric)."""
+    return [i for i, c in enumerate(cells) if not torch.equal(cell_value(base, site, c), cell_value(source, site, c))]
 
 
 def pair_metrics(bridge: Any, target: Target, clean: replay.Acts,
@@ -111,54 +111,17 @@ def run_cells(bridge: Any, site: str, cells: list[Cell], base: replay.Acts, sour
               target: Target) -> Generator[float, None, np.ndarray]:
     """The metric after each cell's replacement [len(cells)]: `base` run with the cell's
     activation taken from `source`. Cells must be sorted by layer. Runs in chunks (batched
-    replays), yielding the progress before each but the first."""
+    replays), yielding the progress before each."""
     cfg = bridge.cfg
     seq, n_layers = base.resid.shape[1], int(cfg.n_layers)
     out = np.empty(len(cells), dtype=np.float32)
     chunks = replay.plan_chunks([c.layer for c in cells], 1, seq, n_layers,
                                 replay.row_budget(cfg, seq, str(cfg.device)))
-    yield 0.0
-    for done, (begin, end) in enumerate(chunks, 1):
+
+    def run(chunk: tuple[int, int]) -> None:
+        begin, end = chunk
         starts, edits = cell_rows(site, cells[begin:end], base, source)
         out[begin:end] = target.metric(replay.run_rows(bridge, base.blocks, starts, edits)).cpu().numpy()
-        if done < len(chunks):
-            yield done / len(chunks)
+
+    yield from over_chunks(chunks, run)
     return out
-
-
-def grid_response(ex: "Explorer", clean: str, corrupt: str, target: Target, site: str, direction: str,
-                  clean_metric: np.float32, corrupt_metric: np.float32, grid: np.ndarray) -> dict[str, Any]:
-    """The fields every clean/corrupt grid answer shares (`/patch`, `/attribution_patch`), with
-    `grid` as the effect and its recovery."""
-    rec, warning = recovery(grid, clean_metric, corrupt_metric)
-    tokens_clean, tokens_corrupt = list(ex.tokens(clean)[1]), list(ex.tokens(corrupt)[1])
-    result: dict[str, Any] = {
-        "site": site, "direction": direction, "metric": target.metric_name,
-        "clean_metric": clean_metric, "corrupt_metric": corrupt_metric,
-        "tokens_clean": tokens_clean, "tokens_corrupt": tokens_corrupt,
-        **target.describe(lambda i: ex.vocab_strs[i]),
-        "effect": grid, "recovery": rec,
-        "rows": [f"L{l}" for l in range(int(ex.model.cfg.n_layers))],
-        "columns": [f"H{h}" for h in range(int(ex.model.cfg.n_heads))] if site.startswith("heads") else tokens_clean,
-    }
-    if site == "heads_by_position":
-        result["positions"] = tokens_clean
-    if warning:
-        result["warning"] = warning
-    return result
-
-
-def _patch_steps(ex: "Explorer", clean: str, corrupt: str, target: Target, site: str,
-                 direction: str) -> Iterator[Any]:
-    bridge, cfg = ex.model.bridge, ex.model.cfg
-    clean_acts, corrupt_acts = ex.acts(clean), ex.acts(corrupt)
-    base, source = (corrupt_acts, clean_acts) if direction == "denoise" else (clean_acts, corrupt_acts)
-    clean_metric, corrupt_metric = pair_metrics(bridge, target, clean_acts, corrupt_acts)
-    base_metric = corrupt_metric if direction == "denoise" else clean_metric
-    cells, shape = grid_cells(site, int(cfg.n_layers), int(cfg.n_heads), len(clean_acts.token_ids))
-    effect = np.full(len(cells), base_metric, dtype=np.float32)
-    todo = [i for i, c in enumerate(cells) if not torch.equal(_value(base, site, c), _value(source, site, c))]
-    effect[todo] = yield from run_cells(bridge, site, [cells[i] for i in todo], base, source, target)
-    result = grid_response(ex, clean, corrupt, target, site, direction, clean_metric, corrupt_metric,
-                           effect.reshape(shape))
-    return {**result, "cells_computed": len(todo)}

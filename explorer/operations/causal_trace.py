@@ -1,0 +1,126 @@
+"""POST /causal_trace: ROME-style causal tracing of a fact through a noised subject
+(`math.tracing`)."""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Sequence, Union
+
+import numpy as np
+from pydantic import BaseModel, Field, StrictInt, StrictStr
+
+from ..errors import InvalidRequest
+from ..math import tracing
+from ..math.patching import final_logits
+from ..math.steps import Steps
+from ..math.target import recovery
+from ..session import Explorer, cache_key
+from .base import (AsyncRequest, TokenRef, TokenSpec, check_index, check_seed, operation, require_causal, shape,
+                   token_id, token_ref)
+
+DEFAULT_SAMPLES = 10
+MAX_SAMPLES = 50
+DEFAULT_WINDOW = 10  # ROME's
+NOISE_SCALE = 3.0  # default noise = NOISE_SCALE x the standard deviation of the token embeddings
+
+
+class CausalTraceRequest(AsyncRequest):
+    text: StrictStr = Field(min_length=1, description="The prompt, e.g. 'The Eiffel Tower is in the city of'.")
+    subject: Union[StrictStr, list[StrictInt]] = Field(description=(
+        "The subject to corrupt: a substring of text occurring once (every token overlapping it), "
+        "or a list of token positions."))
+    answer: Optional[TokenSpec] = Field(default=None, description=(
+        "The token whose probability is traced (one token or an id); default: the model's top-1 "
+        "prediction on the clean text."))
+    kind: Literal["resid", "mlp", "attn"] = Field(default="resid", description=(
+        "resid: restore the residual stream after block l at one position; mlp/attn: restore that "
+        "sublayer's output at one position in a window of layers around l."))
+    noise: Optional[float] = Field(default=None, description=(
+        "Standard deviation of the Gaussian noise added to the subject's embeddings; default 3 x the "
+        "standard deviation of the model's token embeddings."))
+    samples: StrictInt = Field(default=DEFAULT_SAMPLES, description=f"Noise draws averaged per cell, 1 .. {MAX_SAMPLES}.")
+    seed: StrictInt = Field(default=0, description="Seed of the noise draws; the same seed gives the same answer.")
+    window: Optional[StrictInt] = Field(default=None, description=(
+        "Layers restored together for mlp/attn, 1 .. n_layers, clipped at the first and last layer; "
+        f"default {DEFAULT_WINDOW} (ROME's), or n_layers if smaller."))
+
+
+class CausalTraceResponse(BaseModel):
+    tokens: list[str]
+    subject_positions: list[int]
+    kind: str
+    answer: TokenRef
+    clean_prob: float
+    corrupt_prob: float
+    scores: list[list[float]] = Field(description="[n_layers][seq]: P(answer) after restoring that cell.")
+    recovery: Optional[list[list[float]]] = Field(description="(score - corrupt) / (clean - corrupt); null when "
+                                                              "clean and corrupt probabilities are equal.")
+    noise: float = Field(description="The noise standard deviation used.")
+    samples: int
+    seed: int
+    window: Optional[int] = Field(description="Layers restored together (null for resid).")
+    warning: Optional[str] = None
+
+
+def subject_positions(ex: Explorer, text: str, subject: str | Sequence[int]) -> list[int]:
+    """Token positions of the subject: a substring of `text` (every token overlapping it), or a
+    list of positions. 400 if absent, ambiguous, empty or out of range."""
+    ids, _ = ex.tokens(text)
+    if not isinstance(subject, str):
+        if not subject:
+            raise InvalidRequest("subject must not be an empty list")
+        for p in subject:
+            check_index("subject[]", p, len(ids))
+        if len(set(subject)) != len(subject):
+            raise InvalidRequest("subject must not contain duplicate positions")
+        return sorted(subject)
+    if not subject:
+        raise InvalidRequest("subject must be a non-empty substring of text or a list of token positions")
+    found = text.count(subject)
+    if found != 1:
+        raise InvalidRequest(f"subject {subject!r} occurs {found} times in text; it must occur exactly "
+                             "once, or give its token positions as a list")
+    begin = text.index(subject)
+    end = begin + len(subject)
+    offsets = ex.offsets(text)
+    first = len(ids) - len(offsets)  # BOS, when the model prepends one
+    return [first + i for i, (a, b) in enumerate(offsets) if a < end and b > begin]
+
+
+@operation("/causal_trace", CausalTraceRequest, CausalTraceResponse,
+           "ROME-style causal tracing: restore clean states into noise-corrupted runs.", mode="steps")
+def causal_trace(ex: Explorer, req: CausalTraceRequest) -> Steps:
+    require_causal(ex, "POST /causal_trace")
+    if not 1 <= req.samples <= MAX_SAMPLES:
+        raise InvalidRequest(f"samples must be between 1 and {MAX_SAMPLES}, got {req.samples}")
+    n_layers = int(ex.cfg.n_layers)
+    window = min(DEFAULT_WINDOW, n_layers) if req.window is None else req.window
+    if not 1 <= window <= n_layers:
+        raise InvalidRequest(f"window must be between 1 and {n_layers} (n_layers), got {window}")
+    if req.noise is not None and not (np.isfinite(req.noise) and req.noise > 0):
+        raise InvalidRequest(f"noise must be a positive number, got {req.noise}")
+    check_seed(req.seed)
+    positions = subject_positions(ex, req.text, req.subject)
+    answer = None if req.answer is None else token_id(ex, "answer", req.answer)
+    return _steps(ex, req, positions, answer, window)
+
+
+def _steps(ex: Explorer, req: CausalTraceRequest, positions: list[int], answer: int | None, window: int) -> Steps:
+    bridge = ex.bridge
+    clean = ex.acts(req.text)
+    clean_probs = final_logits(bridge, clean).float().softmax(-1)
+    if answer is None:
+        answer = int(clean_probs.argmax())
+    scale = NOISE_SCALE * tracing.embedding_std(bridge) if req.noise is None else float(req.noise)
+    noisy = ex.cached(cache_key("noisy", tuple(clean.token_ids.tolist()), tuple(positions), scale, req.samples, req.seed),
+                      lambda: tracing.noisy_states(bridge, clean, positions, scale, req.samples, req.seed))
+    # float32 like the scores, so a cell equal to a probability serializes identically
+    clean_prob = np.float32(clean_probs[answer].cpu())
+    corrupt_prob = tracing.corrupt_probability(bridge, noisy, answer)
+    scores = yield from tracing.trace_scores(bridge, clean, noisy, answer, req.kind, positions[0], window, corrupt_prob)
+    rec, warning = recovery(scores, clean_prob, corrupt_prob)
+    fields: dict[str, Any] = dict(
+        tokens=list(ex.tokens(req.text)[1]), subject_positions=positions, kind=req.kind,
+        answer=token_ref(ex, answer), clean_prob=clean_prob, corrupt_prob=corrupt_prob, scores=scores, recovery=rec,
+        noise=scale, samples=req.samples, seed=req.seed, window=window if req.kind != "resid" else None)
+    if warning:
+        fields["warning"] = warning
+    return shape(CausalTraceResponse, **fields)

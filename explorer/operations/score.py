@@ -1,0 +1,101 @@
+"""POST /score: token log-probabilities, perplexity and the next-token distribution at a
+temperature, for 1-16 texts. Texts not cached yet run as right-padded batches
+(`Explorer.runs`); their last layers are read out together."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr
+
+from ..errors import InvalidRequest
+from ..math.forward import LENS_TOP_K
+from ..math.lens import Scores, batches, scores
+from ..session import Explorer, cache_key
+from . import precision
+from .base import Request, check_count, check_top_k, each_text, in_branch, operation, require_causal, shape
+
+MAX_TEXTS = 16
+READOUT_ROWS = 512  # positions per projection ([rows, d_vocab] float32: 103 MB for GPT-2)
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-3, 1e3  # past these, softmax(logits / T) is one-hot or uniform anyway
+
+
+class ScoreRequest(Request):
+    texts: Optional[list[StrictStr]] = Field(default=None, json_schema_extra=in_branch(
+        "array", minItems=1, maxItems=MAX_TEXTS, items={"type": "string", "minLength": 1}),
+        description=f"1 .. {MAX_TEXTS} texts, run as one padded batch; or give `text`.")
+    temperature: StrictFloat = Field(default=1.0, json_schema_extra={
+        "minimum": TEMPERATURE_MIN, "maximum": TEMPERATURE_MAX},
+        description="Temperature of `final` only (token_logprobs and perplexity are always at 1).")
+    top_k: StrictInt = Field(default=5, description=f"Entries of `final`, 1 .. {LENS_TOP_K}.")
+    text: Optional[StrictStr] = Field(default=None, min_length=1, description="One text (instead of `texts`).")
+
+
+class ScoreToken(BaseModel):
+    token: str
+    token_id: int
+    logit: float
+    logprob: float
+    probability: float
+
+
+class TextScore(BaseModel):
+    tokens: list[str]
+    token_ids: list[int]
+    token_logprobs: list[Optional[float]] = Field(description="log P(token | prefix); null for the first token.")
+    perplexity: Optional[float] = Field(description="exp(-mean(token_logprobs)); null with no scored token.")
+    final: list[ScoreToken] = Field(description="Next token after the last, at the temperature.")
+
+
+class ScoreResponse(BaseModel):
+    temperature: float
+    results: list[TextScore]
+
+
+def _scores(ex: Explorer, texts: Sequence[str]) -> list[Scores]:
+    """The cached `Scores` of `texts`; those not cached yet are read out together (in groups of
+    at most READOUT_ROWS rows) on the worker."""
+    by_text = dict(zip(texts, ex.runs(texts)))
+
+    def fill() -> None:
+        missing = [t for t in by_text if ex.cache.get(cache_key("score", t)) is None]
+        for group in batches([len(by_text[t].token_ids) for t in missing], READOUT_ROWS):
+            chosen = [missing[i] for i in group]
+            for text, s in zip(chosen, scores(ex.bridge, [by_text[t] for t in chosen])):
+                ex.cache.fill(cache_key("score", text), s)
+
+    if sum(ex.cache.get(cache_key("score", t)) is None for t in by_text) > 1:
+        ex.call(fill)
+    return [ex.cached(cache_key("score", t), lambda t=t: scores(ex.bridge, [by_text[t]])[0]) for t in texts]
+
+
+@operation("/score", ScoreRequest, ScoreResponse,
+           "Token log-probabilities, perplexity and the next-token distribution of 1-16 texts.")
+def score(ex: Explorer, req: ScoreRequest) -> dict[str, Any]:
+    if (req.texts is None) == (req.text is None):
+        raise InvalidRequest(f"give exactly one of text (one text) and texts (a list of 1 .. {MAX_TEXTS} texts)")
+    texts = [req.text] if req.text is not None else list(req.texts or [])
+    require_causal(ex, "POST /score")
+    check_count("texts", texts, MAX_TEXTS)
+    temperature = req.temperature
+    if not TEMPERATURE_MIN <= temperature <= TEMPERATURE_MAX:
+        raise InvalidRequest(f"temperature must be between {TEMPERATURE_MIN:g} and {TEMPERATURE_MAX:g} "
+                             f"(> 0), got {temperature}")
+    top_k = check_top_k(req.top_k, LENS_TOP_K, int(ex.cfg.d_vocab))
+    tokens = each_text(ex, "texts", texts, always_name=False)
+    vocab = ex.vocab_strs
+    results = []
+    for s, (ids, strs) in zip(_scores(ex, texts), tokens):
+        logprobs = [precision.log_value(v) for v in s.token_logprobs]
+        logits = torch.from_numpy(s.final_logits).double()
+        top = (logits / temperature).log_softmax(-1).topk(top_k)
+        mean = np.mean(s.token_logprobs, dtype=np.float64) if logprobs else None
+        results.append(shape(
+            TextScore, tokens=list(strs), token_ids=list(ids), token_logprobs=[None, *logprobs],
+            perplexity=None if mean is None else precision.probability(float(np.exp(-mean))),
+            final=[{"token": vocab[i], "token_id": i, "logit": precision.logit(logits[i]),
+                    "logprob": precision.log_value(lp), "probability": precision.probability(math.exp(lp))}
+                   for lp, i in zip(top.values.tolist(), top.indices.tolist())]))
+    return shape(ScoreResponse, temperature=temperature, results=results)

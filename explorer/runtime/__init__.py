@@ -1,0 +1,1 @@
+"""The runtime floor: loading models, the model worker, the byte-bounded cache, chunked jobs."""

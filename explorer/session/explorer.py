@@ -1,0 +1,164 @@
+"""`Explorer`: one loaded model's session — its tokens, cached runs and activations, and the
+worker thread every use of the model goes through. `Models`: the loaded models by name.
+
+It knows nothing of requests or endpoints: the operations floor calls it.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable, Hashable, Sequence, TypeVar
+
+from ..errors import InvalidRequest, Overloaded
+from ..math import replay
+from ..math import forward as fw
+from ..math.forward import Run
+from ..math.lens import batches
+from ..runtime.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, ByteLRU, CacheBudget, ModelWorker
+from ..runtime.loading import LoadedModel
+
+T = TypeVar("T")
+TOKENIZE_CACHE_ENTRIES = 512
+BATCH_TOKENS = 2048  # padded tokens per batched forward of several new texts; more run as further batches
+
+
+def cache_key(kind: str, text: str | tuple[int, ...], *detail: Hashable) -> tuple[Hashable, ...]:
+    """The one shape of a cache key: what the entry is (`kind`: "run", "acts", "lens", ...; the
+    list is in docs/architecture.md), the text (or token ids) it is about, then what else it
+    depends on (a position, a layer, a target...). Entries of one text share its prefix."""
+    return (kind, text, *detail)
+
+
+class Explorer:
+    """One model's session; every method is safe to call from many request threads."""
+
+    def __init__(self, model: LoadedModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 queue_size: int = DEFAULT_QUEUE_SIZE, budget: CacheBudget | None = None) -> None:
+        """`budget`: a byte bound shared with other models' explorers (default: its own of `cache_bytes`)."""
+        self.model = model
+        self.worker = ModelWorker(queue_size, model.lock)
+        self.cache = ByteLRU(self.worker, cache_bytes, budget=budget)
+        # HF fast tokenizers mutate their backend's padding/truncation state on every call.
+        self._tokenizer_lock = threading.Lock()
+        self.tokens = functools.lru_cache(maxsize=TOKENIZE_CACHE_ENTRIES)(self._tokens)
+
+    @property
+    def cfg(self) -> Any:
+        return self.model.cfg
+
+    @property
+    def bridge(self) -> Any:
+        return self.model.bridge
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.cfg.n_ctx)
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    def _tokens(self, text: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Token ids, with the special tokens the model expects around a text (`special_ids`:
+        BOS first where the model uses one; BERT's `[CLS] ... [SEP]`), and each token's decoded string."""
+        if not text:
+            raise InvalidRequest("text must be a non-empty string")
+        tok = self.model.tokenizer
+        before, after = self.model.special_ids
+        with self._tokenizer_lock:
+            ids = [*before, *tok.encode(text, add_special_tokens=False), *after]
+            if len(ids) > self.n_ctx:
+                raise InvalidRequest(
+                    f"text is {len(ids)} tokens long (special tokens included); the model's context "
+                    f"holds at most {self.n_ctx} (n_ctx)")
+            strs = tok.batch_decode([[i] for i in ids])
+        return tuple(ids), tuple(strs)
+
+    def text_positions(self, seq: int) -> range:
+        """The positions of the text's own tokens in a tokenized text of length `seq`."""
+        before, after = self.model.special_ids
+        return range(len(before), seq - len(after))
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character span [begin, end) of each of `text`'s tokens (special tokens excluded)."""
+        with self._tokenizer_lock:
+            enc = self.model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [tuple(span) for span in enc["offset_mapping"]]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` without special tokens."""
+        with self._tokenizer_lock:
+            return self.model.tokenizer.encode(text, add_special_tokens=False)
+
+    @functools.cached_property
+    def vocab_strs(self) -> list[str]:
+        """Decoded string of every vocabulary id (for lens predictions), computed once."""
+        tok = self.model.tokenizer
+        with self._tokenizer_lock:
+            return tok.batch_decode([[i] for i in range(int(self.model.cfg.d_vocab))])
+
+    # --- the worker and the cache -------------------------------------------------------------
+
+    def cached(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """The cached value of `key`, computed on the worker once (concurrent askers share it)."""
+        return self.cache.get_or_compute(key, compute)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the model worker (inline when already there) and wait for it."""
+        if self.worker.on_worker():
+            return fn()
+        future = self.worker.submit(fn)
+        try:
+            return future.result(timeout=self.cache.wait_seconds)
+        except TimeoutError:
+            raise Overloaded(f"the model did not answer within {self.cache.wait_seconds:.0f} s; retry later", 5) from None
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    def run(self, text: str) -> Run:
+        """The cached forward pass of `text` (computed once, shared by every endpoint)."""
+        ids, _ = self.tokens(text)
+        return self.cached(cache_key("run", text), lambda: fw.forward(self.bridge, ids))
+
+    def runs(self, texts: Sequence[str]) -> list[Run]:
+        """The cached runs of `texts`; those not cached yet are computed first in right-padded
+        batches of at most BATCH_TOKENS tokens on the worker, and cached like any other run."""
+        def fill() -> None:
+            missing = [t for t in dict.fromkeys(texts) if self.cache.get(cache_key("run", t)) is None]
+            ids = [self.tokens(t)[0] for t in missing]
+            for group in batches([len(i) for i in ids], BATCH_TOKENS):
+                for i, run in zip(group, fw.forward_batch(self.bridge, [ids[i] for i in group])):
+                    self.cache.fill(cache_key("run", missing[i]), run)
+
+        if sum(self.cache.get(cache_key("run", t)) is None for t in set(texts)) > 1:
+            self.call(fill)
+        return [self.run(t) for t in texts]
+
+    def acts(self, text: str) -> replay.Acts:
+        """The cached activations of `text` for causal work (`replay.capture`)."""
+        ids, _ = self.tokens(text)
+        return self.cached(cache_key("acts", text), lambda: replay.capture(self.bridge, ids))
+
+
+class Models:
+    """The loaded models by name, each with its own explorer: its own worker thread, so a slow
+    request on one model never waits for another model's work, and its own cache, all caches
+    sharing one byte bound (`CacheBudget`). The first is the default for requests that name none."""
+
+    def __init__(self, explorers: Sequence[Explorer]) -> None:
+        if not explorers:
+            raise ValueError("at least one model is needed")
+        self.by_name = {ex.model.name: ex for ex in explorers}
+        if len(self.by_name) != len(explorers):
+            raise ValueError("two loaded models have the same name")
+        self.default = explorers[0]
+
+    def get(self, name: str | None) -> Explorer:
+        """The explorer of `name` (None: the default); 400 listing the loaded names otherwise."""
+        if name is None:
+            return self.default
+        ex = self.by_name.get(name)
+        if ex is None:
+            raise InvalidRequest(f"model {name!r} is not loaded; loaded models: {', '.join(map(repr, self.by_name))}")
+        return ex
+
+    def describe(self) -> dict[str, Any]:
+        return {"default": self.default.model.name, "models": [ex.model.info() for ex in self.by_name.values()]}

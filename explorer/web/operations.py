@@ -1,0 +1,51 @@
+"""One route per registered operation: parse the body, call the operation, answer JSON. A long
+operation's steps run synchronously (200, stopping if the client leaves) or, with
+`"async": true`, as a job (202 with its id)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from flask import Blueprint, Response, current_app, request
+
+from ..errors import InvalidRequest
+from ..operations import OPERATIONS, Operation, parse
+from ..runtime.jobs import run_sync
+from .common import job_manager, json_response, models, request_json
+
+bp = Blueprint("operations", __name__)
+
+
+def _client_gone() -> Callable[[], bool]:
+    """Whether the client of this request has disconnected (waitress tells when it reads ahead
+    of a running request, `channel_request_lookahead`; other servers: never)."""
+    return request.environ.get("waitress.client_disconnected") or (lambda: False)
+
+
+def check_size(estimate: int) -> None:
+    """Refuse before building a response of about `estimate` bytes over MAX_RESPONSE_BYTES."""
+    limit = current_app.config["MAX_RESPONSE_BYTES"]
+    if estimate > limit:
+        raise InvalidRequest(
+            f"the response would be about {estimate >> 20} MiB, over the server's limit of "
+            f"{limit >> 20} MiB; ask for one head or a shorter text")
+
+
+def _view(op: Operation) -> Callable[[], Response]:
+    def view() -> Response:
+        req = parse(op.request, request_json())
+        ex = models().get(req.model)
+        if op.response_bytes is not None:
+            check_size(op.response_bytes(ex, req))
+        result = op.run(ex, req)
+        if op.mode == "call":
+            return json_response(result)
+        if op.mode == "job" or req.run_async:
+            job = job_manager().start(op.kind, result, ex.worker)
+            return json_response({"job": job.id}, 202, {"Location": f"/jobs/{job.id}"})
+        return json_response(run_sync(op.kind, result, ex.worker, _client_gone()))
+    view.__name__ = op.kind
+    return view
+
+
+for _op in OPERATIONS.values():
+    bp.add_url_rule(_op.path, view_func=_view(_op), methods=["POST"])
