@@ -40,7 +40,10 @@ export function tokenSpec(value) {
   return /^\d+$/.test(value) ? Number(value) : value;
 }
 
-export const getModel = () => call("GET", "/model");
+// Every answer and distractor is sent this one way: a token string or id, or null when there is
+// none (no distractor: the metric is the answer's own log-probability or logit; no answer, where
+// optional: the model's top-1).
+const token = (value) => (value === undefined || value === "" ? null : value);
 
 // {default, models: [<GET /model of each>]}
 export const getModels = () => call("GET", "/models");
@@ -57,20 +60,6 @@ export const attention = (text, layer, head = null, model = undefined) =>
 
 export const predict = (text, token_index, top_k = 5) => call("POST", "/predict", { text, token_index, top_k });
 
-// Which heads matter. An empty distractor is sent as null (the metric is then log P(answer)).
-export const ablate = (text, answer, distractor = null, method = "mean", site = "heads") =>
-  call("POST", "/ablate", { text, answer, distractor: distractor || null, method, site });
-
-// compare: the real /patch grid beside the estimate.
-export const attributionPatch = (clean, corrupt, answer, distractor = null, site = "heads", compare = true) =>
-  call("POST", "/attribution_patch", { clean, corrupt, answer, distractor: distractor || null, site, compare });
-
-// Causal head gating: 202 {job}; poll getJob(job) until its status is done, error or cancelled.
-export const startChg = (texts, targets, steps = 100) => call("POST", "/jobs/chg", { texts, targets, steps });
-
-export const getJob = (job) => call("GET", `/jobs/${job}`);
-
-export const cancelJob = (job) => call("DELETE", `/jobs/${job}`);
 // Logit lens grid: positions omitted = every position; target = a one-token string or a token id.
 export const lens = (text, { positions, target, top_k = 1, model } = {}) =>
   call("POST", "/lens", { text, positions, target, top_k, model });
@@ -78,15 +67,33 @@ export const lens = (text, { positions, target, top_k = 1, model } = {}) =>
 // token_logprobs, perplexity and the next-token distribution of 1-16 texts (one padded batch).
 export const score = (texts, temperature = 1, top_k = 5) => call("POST", "/score", { texts, temperature, top_k });
 
-// Direct logit attribution; distractor null: the answer's logit; position null: the last token.
-export const dla = (text, answer, distractor = null, position = null) =>
-  call("POST", "/dla", { text, answer, distractor, position });
+// Direct logit attribution; position null: the last token.
+export const dla = (text, answer, distractor, position = null) =>
+  call("POST", "/dla", { text, answer: token(answer), distractor: token(distractor), position });
 
-// Causal interventions, always as jobs: 202 {job}; run them with jobs.js.
+// Which heads matter.
+export const ablate = (text, answer, distractor, method = "mean", site = "heads") =>
+  call("POST", "/ablate", { text, answer: token(answer), distractor: token(distractor), method, site });
+
+// compare: the real /patch grid beside the estimate.
+export const attributionPatch = (clean, corrupt, answer, distractor, site = "heads", compare = true) =>
+  call("POST", "/attribution_patch",
+       { clean, corrupt, answer: token(answer), distractor: token(distractor), site, compare });
+
+// Long computations answer 202 {job} at once; jobs.js polls getJob(job) until its status is done,
+// error or cancelled.
+export const getJob = (job) => call("GET", `/jobs/${job}`);
+
+export const cancelJob = (job) => call("DELETE", `/jobs/${job}`);
+
+// Causal head gating.
+export const startChg = (texts, targets, steps = 100) => call("POST", "/jobs/chg", { texts, targets, steps });
+
 // Activation patching; site: resid_pre | attn_out | mlp_out | heads | heads_by_position.
 export const startPatch = (clean, corrupt, answer, distractor, site, direction) =>
-  call("POST", "/patch", { clean, corrupt, answer, distractor: distractor ?? null, site, direction, async: true });
+  call("POST", "/patch", { clean, corrupt, answer: token(answer), distractor: token(distractor), site, direction,
+                           async: true });
 
-// ROME causal tracing of one kind (resid | mlp | attn); answer null: the model's top-1.
+// ROME causal tracing of one kind: resid | mlp | attn.
 export const startCausalTrace = (text, subject, answer, kind, samples) =>
-  call("POST", "/causal_trace", { text, subject, answer: answer ?? null, kind, samples, async: true });
+  call("POST", "/causal_trace", { text, subject, answer: token(answer), kind, samples, async: true });

@@ -1,28 +1,32 @@
-// Page wiring: the text box and token chips, the views, their exports.
+// Page wiring: the text box and token chips, the tabs and their views, their exports.
 import * as api from "./api.js";
-import { tokenSpec } from "./api.js";
-import { drawAttention } from "./attention.js";
-import { drawAttribution } from "./attribution.js";
-import { drawCompare } from "./compare.js";
+import { attentionView } from "./attention.js";
+import { attributionView } from "./attribution.js";
+import { compareModels, compareView } from "./compare.js";
+import { $, make, options, range } from "./dom.js";
 import { saveJSON, savePNG, saveSVG } from "./export.js";
-import { headsView, setUpHeads } from "./heads.js";
-import { drawLens } from "./lens.js";
-import { drawLensGrid } from "./lensgrid.js";
+import { headsView } from "./heads.js";
+import { lensView } from "./lens.js";
 import { patchingView } from "./patching.js";
-import { inkOn, oranges, rgb, showToken } from "./svg.js";
+import { ORANGES, inkOn, rgb, sequential, showToken } from "./svg.js";
 import { tracingView } from "./tracing.js";
-import { drawTrajectories } from "./trajectories.js";
+import { trajectoriesView } from "./trajectories.js";
 
-const $ = (selector) => document.querySelector(selector);
-
-// An element with properties, then attributes (for the ARIA ones that have no property).
-function make(tag, props, attrs = {}) {
-  const node = Object.assign(document.createElement(tag), props);
-  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
-  return node;
-}
+// Every tab, in tab order: its panel is #panel-NAME in index.html, its view is made by its
+// module's function from `page` (see `register`). A view is
+//   key()      names the data its figure needs (a changed key refetches, the same key only redraws)
+//   request()  fetches that data (null: nothing to draw yet)
+//   draw(data, readout)  makes the figure
+//   name()     the download name
+//   controls   (optional) selectors of the panel's inputs whose change redraws it
+// and its module wires any other control of its panel when it makes it.
+const TABS = {
+  trajectories: trajectoriesView, attention: attentionView, lens: lensView, heads: headsView,
+  dla: attributionView, patching: patchingView, tracing: tracingView, compare: compareView,
+};
 
 const state = { model: null, models: [], text: "", tokens: [], traced: new Set() };
+const views = {};
 
 // The banner shows the latest failure; `source` names what failed (a view, "tokens", ...) so
 // that the next success of the same source clears it, and nothing else does.
@@ -55,95 +59,6 @@ async function busy(box, work, source, current = () => true) {
     box.setAttribute("aria-busy", box.dataset.pending !== "0");
   }
 }
-
-// The lens grid reads at most this many positions per request: a window around the selected one.
-const GRID_POSITIONS = 96;
-
-const lensGrid = () => $("#lens-mode").value === "grid";
-
-// Positions the grid asks for (undefined: every position), centred on the selected one.
-function gridPositions() {
-  const n = state.tokens.length;
-  if (n <= GRID_POSITIONS) return undefined;
-  const start = Math.min(Math.max(Number($("#lens-pos").value) - GRID_POSITIONS / 2, 0), n - GRID_POSITIONS);
-  return Array.from({ length: GRID_POSITIONS }, (_, i) => start + i);
-}
-
-function options(select, items, selected) {
-  select.replaceChildren(...items.map(([value, label]) => new Option(label, value, false, value === selected)));
-}
-
-// Each view: `key` names the request its figure needs (a changed key refetches, the same key
-// only redraws), `request` fetches it, `draw` makes the figure, `name` is the download name.
-const views = {
-  trajectories: {
-    key: () => [...state.traced].join(","),
-    request: () => api.trace(state.text, [...state.traced].sort((a, b) => a - b)),
-    draw: drawTrajectories,
-    name: () => "trajectories",
-  },
-  attention: {
-    key: () => $("#attn-layer").value,
-    request: () => api.attention(state.text, Number($("#attn-layer").value)),
-    draw: (data, readout) => drawAttention(data, Number($("#attn-head").value), readout, (head) => {
-      $("#attn-head").value = head;
-      show("attention");
-      views.attention.panel.querySelector(`[data-head="${head}"]`)?.focus();
-    }),
-    name: () => `attention-L${$("#attn-layer").value}-H${$("#attn-head").value}`,
-  },
-  lens: {
-    // The grid refetches only for another window or target: shade and position just redraw.
-    key: () => (lensGrid() ? `grid/${gridPositions()}/${$("#lens-target").value}`
-                           : `${$("#lens-pos").value}/${$("#lens-k").value}`),
-    request: () => (lensGrid()
-      ? api.lens(state.text, { positions: gridPositions(), target: tokenSpec($("#lens-target").value), top_k: 5 })
-      : api.predict(state.text, Number($("#lens-pos").value), Number($("#lens-k").value))),
-    draw: (data, readout) => (lensGrid()
-      ? drawLensGrid(data, readout, {
-        shade: $("#lens-shade").value,
-        position: Number($("#lens-pos").value),
-        select: (position) => {
-          $("#lens-pos").value = String(position);
-          show("lens");
-        },
-      })
-      : drawLens(data, readout)),
-    name: () => (lensGrid() ? "lens-grid" : `lens-pos${$("#lens-pos").value}`),
-  },
-  dla: {
-    key: () => `${$("#dla-pos").value}/${$("#dla-answer").value}/${$("#dla-distractor").value}`,
-    // No answer typed: attribute the model's own top-1 next token at that position.
-    request: async () => {
-      const position = Number($("#dla-pos").value);
-      const answer = tokenSpec($("#dla-answer").value)
-        ?? (await api.predict(state.text, position, 1)).predictions_by_layer.at(-1).top_tokens[0].token_id;
-      return api.dla(state.text, answer, tokenSpec($("#dla-distractor").value) ?? null, position);
-    },
-    draw: drawAttribution,
-    name: () => `dla-pos${$("#dla-pos").value}`,
-  },
-  heads: headsView(() => state.text),
-  patching: patchingView(),
-  tracing: tracingView(),
-  compare: {
-    key: () => `${$("#cmp-a").value}/${$("#cmp-b").value}/${$("#cmp-layer").value}/${gridPositions()}`,
-    request: () => Promise.all([$("#cmp-a").value, $("#cmp-b").value].map(async (model) => ({
-      model,
-      lens: await api.lens(state.text, { positions: gridPositions(), top_k: 5, model }),
-      attention: await api.attention(state.text, Number($("#cmp-layer").value), null, model),
-    }))),
-    draw: (data, readout) => drawCompare(data, readout, {
-      head: Number($("#cmp-head").value),
-      shade: $("#cmp-shade").value,
-      selectHead: (head) => {
-        $("#cmp-head").value = head;
-        show("compare");
-      },
-    }),
-    name: () => `compare-${$("#cmp-a").value}-${$("#cmp-b").value}-L${$("#cmp-layer").value}-H${$("#cmp-head").value}`,
-  },
-};
 
 function activeView() {
   return $('[role="tab"][aria-selected="true"]').id.replace("tab-", "");
@@ -204,20 +119,19 @@ async function colourSurprisal() {
   const result = await busy($("#tokens"), () => api.score([text]), "surprisal", () => state.text === text);
   if (!result || state.text !== text || !$("#surprisal").checked) return;
   const surprisal = result.results[0].token_logprobs.map((lp) => (lp === null ? null : -lp));
-  const max = Math.max(...surprisal.filter((s) => s !== null), 1e-9);
+  const scale = sequential(Math.max(...surprisal.filter((s) => s !== null), 1e-9), { stops: ORANGES });
   chips.forEach((chip, i) => {
     if (surprisal[i] === null) return;  // the first token has no prefix to be surprised by
-    const colour = oranges(surprisal[i] / max);
+    const colour = scale.colour(surprisal[i]);
     chip.style.background = rgb(colour);
     chip.style.color = inkOn(colour);
     chip.dataset.surprisal = surprisal[i];
     chip.title = `${chip.dataset.title} · surprisal ${surprisal[i].toFixed(3)} nats`;
   });
-  const ramp = `linear-gradient(to right, ${[0, 0.25, 0.5, 0.75, 1].map((t) => rgb(oranges(t))).join(", ")})`;
-  legend.replaceChildren("surprisal 0", Object.assign(document.createElement("span"), { className: "ramp" }),
-                         `${max.toFixed(2)} nats`);
+  const ramp = make("span", { className: "ramp" });
+  ramp.style.background = `linear-gradient(to right, ${[0, 0.25, 0.5, 0.75, 1].map((t) => rgb(scale.colour(t * scale.hi))).join(", ")})`;
+  legend.replaceChildren("surprisal 0", ramp, `${scale.hi.toFixed(2)} nats (${scale.note})`);
   legend.title = "surprisal = -log P(token | the tokens before it), from POST /score";
-  legend.querySelector(".ramp").style.background = ramp;
   legend.hidden = false;
 }
 
@@ -237,8 +151,7 @@ async function analyze() {
   const own = state.tokens.slice(first, end).map((t) => t.index);
   state.traced = new Set(own.length ? own : [0]);
   const positions = state.tokens.map((t) => [String(t.index), `#${t.index} ${showToken(t.token_str, 20)}`]);
-  options($("#lens-pos"), positions, String(state.tokens.length - 1));
-  options($("#dla-pos"), positions, String(state.tokens.length - 1));
+  document.querySelectorAll("select.positions").forEach((s) => options(s, positions, String(state.tokens.length - 1)));
   renderChips();
   colourSurprisal();
   for (const view of Object.values(views)) {
@@ -260,47 +173,48 @@ function selectTab(tab) {
   show(activeView());
 }
 
-function setUpTabs() {
-  for (const tab of document.querySelectorAll('[role="tab"]')) {
-    tab.addEventListener("click", () => selectTab(tab));
-    tab.addEventListener("keydown", (event) => {
-      const step = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
-      if (!step) return;
-      const tabs = [...document.querySelectorAll('[role="tab"]:not([hidden])')];
-      const next = tabs[(tabs.indexOf(tab) + step + tabs.length) % tabs.length];
-      next.focus();
-      selectTab(next);
-    });
-  }
-}
+const FORMATS = {
+  png: (view) => savePNG(view.figure, `${view.name()}.png`),
+  svg: (view) => saveSVG(view.figure, `${view.name()}.svg`),
+  json: (view) => saveJSON(view.data, `${view.name()}.json`),
+};
 
-// What every view's panel has besides its own controls.
-function setUpPanels() {
-  const formats = {
-    png: (view) => savePNG(view.figure, `${view.name()}.png`),
-    svg: (view) => saveSVG(view.figure, `${view.name()}.svg`),
-    json: (view) => saveJSON(view.data, `${view.name()}.json`),
-  };
-  for (const [name, view] of Object.entries(views)) {
-    view.panel = $(`#panel-${name}`);
-    const exports = make("span", { className: "exports" });
-    view.panel.querySelector(".toolbar").append(
-      make("span", { className: "loading", textContent: "Loading…" }, { role: "status" }), exports);
-    view.panel.append(make("div", { className: "figure-box" }),
-                      make("p", { className: "readout" }, { "aria-live": "polite" }));
-    exports.append(...Object.entries(formats).map(([format, save]) => {
-      const button = make("button", { type: "button", textContent: format.toUpperCase(), disabled: true },
-                          { "data-export": format, "aria-label": `Download ${name} as ${format.toUpperCase()}` });
-      button.addEventListener("click", async () => {
-        try {
-          await save(view);
-        } catch (err) {
-          showError(err, "export");
-        }
-      });
-      return button;
-    }));
-  }
+// The one way a tab is added: its tab button (arrow keys move between tabs), and what every
+// panel has besides its own controls: a loading indicator, downloads, the figure and a readout.
+function register(name, view) {
+  const panel = $(`#panel-${name}`);
+  const tab = make("button", { type: "button", id: `tab-${name}`, textContent: panel.dataset.tab },
+                   { role: "tab", "aria-controls": panel.id });
+  tab.addEventListener("click", () => selectTab(tab));
+  tab.addEventListener("keydown", (event) => {
+    const step = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
+    if (!step) return;
+    const tabs = [...document.querySelectorAll('[role="tab"]:not([hidden])')];
+    const next = tabs[(tabs.indexOf(tab) + step + tabs.length) % tabs.length];
+    next.focus();
+    selectTab(next);
+  });
+  $('[role="tablist"]').append(tab);
+  panel.setAttribute("role", "tabpanel");
+  panel.setAttribute("aria-labelledby", tab.id);
+  const exports = make("span", { className: "exports" });
+  exports.append(...Object.entries(FORMATS).map(([format, save]) => {
+    const button = make("button", { type: "button", textContent: format.toUpperCase(), disabled: true },
+                        { "data-export": format, "aria-label": `Download ${name} as ${format.toUpperCase()}` });
+    button.addEventListener("click", async () => {
+      try {
+        await save(view);
+      } catch (err) {
+        showError(err, "export");
+      }
+    });
+    return button;
+  }));
+  panel.querySelector(".toolbar").append(
+    make("span", { className: "loading", textContent: "Loading…" }, { role: "status" }), exports);
+  panel.append(make("div", { className: "figure-box" }), make("p", { className: "readout" }, { "aria-live": "polite" }));
+  for (const control of view.controls ?? []) $(control).addEventListener("change", () => show(name));
+  views[name] = Object.assign(view, { panel });
 }
 
 // The header chip of each `weights` state of GET /model; "local" shows its directory on hover.
@@ -322,32 +236,25 @@ function showModel(info) {
   options($("#attn-head"), range(info.n_heads, "H"), "0");
 }
 
-const range = (n, label) => Array.from({ length: n }, (_, i) => [String(i), `${label}${i}`]);
-
-// Several models: the selector (every view asks the chosen one) and the Compare view's choices.
+// Several models: the selector (every view asks the chosen one) and the Compare tab.
 function setUpModels(listing) {
   state.models = listing.models;
   const several = listing.models.length > 1;
   $("#model-choice").hidden = $("#tab-compare").hidden = !several;
   if (!several) return;
-  const names = listing.models.map((m) => [m.name, m.name]);
-  options($("#model-select"), names, listing.default);
-  options($("#cmp-a"), names, names[0][0]);
-  options($("#cmp-b"), names, names[1][0]);
-  compareChoices();
-}
-
-// Layers and heads both compared models have.
-function compareChoices() {
-  const pair = [$("#cmp-a").value, $("#cmp-b").value].map((n) => state.models.find((m) => m.name === n));
-  const keep = (select, n, label) => options(select, range(n, label), String(Math.min(Number(select.value) || 0, n - 1)));
-  keep($("#cmp-layer"), Math.min(...pair.map((m) => m.n_layers)), "L");
-  keep($("#cmp-head"), Math.min(...pair.map((m) => m.n_heads)), "H");
+  options($("#model-select"), listing.models.map((m) => [m.name, m.name]), listing.default);
+  compareModels(listing.models);
 }
 
 async function start() {
-  setUpTabs();
-  setUpPanels();
+  for (const [name, makeView] of Object.entries(TABS)) {
+    register(name, makeView({
+      text: () => state.text, tokens: () => state.tokens, traced: () => state.traced, models: () => state.models,
+      redraw: () => show(name),
+    }));
+  }
+  selectTab($('[role="tab"]'));
+  $("#tab-compare").hidden = true;  // until GET /models lists several
   $("#input-form").addEventListener("submit", (event) => {
     event.preventDefault();
     analyze();
@@ -358,23 +265,6 @@ async function start() {
       analyze();
     }
   });
-  $("#attn-layer").addEventListener("change", () => show("attention"));
-  $("#attn-head").addEventListener("change", () => show("attention"));
-  $("#lens-pos").addEventListener("change", () => show("lens"));
-  $("#lens-k").addEventListener("change", () => show("lens"));
-  setUpHeads(() => state.text, () => show("heads"));
-  views.patching.setUp(() => show("patching"));
-  views.tracing.setUp(() => show("tracing"));
-  $("#lens-mode").addEventListener("change", () => {
-    document.querySelectorAll("#panel-lens .grid-only").forEach((n) => { n.hidden = !lensGrid(); });
-    document.querySelectorAll("#panel-lens .position-only").forEach((n) => { n.hidden = lensGrid(); });
-    show("lens");
-  });
-  $("#lens-shade").addEventListener("change", () => show("lens"));
-  $("#lens-target").addEventListener("change", () => show("lens"));
-  for (const id of ["#dla-pos", "#dla-answer", "#dla-distractor"]) {
-    $(id).addEventListener("change", () => show("dla"));
-  }
   $("#surprisal").addEventListener("change", colourSurprisal);
   $("#model-select").addEventListener("change", () => {
     api.chooseModel($("#model-select").value);
@@ -382,13 +272,6 @@ async function start() {
     showModel(state.model);
     analyze();
   });
-  for (const id of ["#cmp-a", "#cmp-b"]) {
-    $(id).addEventListener("change", () => {
-      compareChoices();
-      show("compare");
-    });
-  }
-  for (const id of ["#cmp-layer", "#cmp-head", "#cmp-shade"]) $(id).addEventListener("change", () => show("compare"));
   const listing = await busy($("#model"), api.getModels, "model");
   if (listing) {
     setUpModels(listing);

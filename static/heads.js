@@ -3,12 +3,11 @@
 // gates (a POST /jobs/chg job, polled, with its taxonomy drawn over the cells). Attribution and
 // patching also show their scatter and correlation.
 import * as api from "./api.js";
+import { $ } from "./dom.js";
 import { jobControls } from "./jobs.js";
-import { blues, el, figure, fmt, readable, rgb } from "./svg.js";
+import { colourBar, diverging, el, figure, fmt, heatmap, readable, rgb, sequential } from "./svg.js";
 
-const $ = (selector) => document.querySelector(selector);
-
-export const IOI = {
+const IOI = {
   clean: "When Mary and John went to the store, John gave a drink to",
   corrupt: "When Mary and John went to the store, Mary gave a drink to",
   answer: " Mary", distractor: " John",
@@ -26,110 +25,128 @@ const ROLES = {  // the CHG taxonomy as a categorical overlay
   ambiguous: { mark: "?", color: "#762a83" },
 };
 const LEFT = 44, TOP = 84, SCATTER = 300;
+const UNIT = sequential(1);  // gates; in the scatter, points darken with the layer
 
 const chg = { result: null, text: "", version: 0, running: false };
 
 function inputs() {
   return {
     mode: $("#heads-show").value, answer: $("#heads-answer").value,
-    distractor: $("#heads-distractor").value || null, method: $("#heads-method").value,
+    distractor: $("#heads-distractor").value, method: $("#heads-method").value,
     corrupt: $("#heads-corrupt").value, stage: $("#heads-stage").value,
   };
 }
 
-// Blue for negative, red for positive, white at 0; `max` is the largest magnitude shown.
-function diverging(value, max) {
-  const t = Math.max(-1, Math.min(1, value / (max || 1)));
-  const [r, g, b] = t < 0 ? [33, 102, 172] : [178, 24, 43];
-  const f = Math.abs(t);
-  return rgb([255 + (r - 255) * f, 255 + (g - 255) * f, 255 + (b - 255) * f].map(Math.round));
-}
-
-// What each mode draws: a [n_layers][n_heads] grid of numbers, its colour, a title.
+// What each mode draws: a [n_layers][n_heads] grid of numbers (gates: on the sequential scale,
+// the rest diverging), the CHG taxonomy, the scatter's two grids.
 function grids(data, { mode, stage }) {
   if (mode === "ablation") return { values: data.effect };
-  if (mode === "chg") return { values: data.gates[stage], roles: data.taxonomy, sequential: true };
+  if (mode === "chg") return { values: data.gates[stage], roles: data.taxonomy, gates: true };
   const base = data.direction === "denoise" ? data.corrupt_metric : data.clean_metric;
   const estimate = data.attribution;
   const exact = data.exact_effect.map((row) => row.map((v) => v - base));
   return { values: mode === "attribution" ? estimate : exact, estimate, exact };
 }
 
-// The view (see app.js's `views`); `currentText()` is the analyzed text.
-export const headsView = (currentText) => ({
-  key: () => {
-    const i = inputs();
-    if (i.mode === "ablation") return `ablate/${i.answer}/${i.distractor}/${i.method}`;
-    if (i.mode === "chg") return `chg/${chg.version}`;
-    return `attribution/${i.corrupt}/${i.answer}/${i.distractor}`;  // one answer serves both modes
-  },
-  request: () => {
-    const i = inputs(), text = currentText();
-    if (i.mode === "ablation") return api.ablate(text, i.answer, i.distractor, i.method);
-    if (i.mode === "chg") {
-      if (chg.result && chg.text === text) return Promise.resolve(chg.result);
-      $("#heads-status").textContent = "Press Train CHG to learn the gates for this text and answer.";
-      return Promise.resolve(null);
+// The view (see app.js's TABS). CHG: a job on the current text and answer, polled into the
+// progress bar, cancellable; its answer is kept until the next training.
+export function headsView(page) {
+  const { button, status, run } = jobControls("heads");
+  $("#heads-example").addEventListener("click", () => {
+    $("#heads-corrupt").value = IOI.corrupt;
+    $("#heads-answer").value = IOI.answer;
+    $("#heads-distractor").value = IOI.distractor;
+    $("#text").value = IOI.clean;
+    $("#input-form").requestSubmit();
+  });
+  button.addEventListener("click", async () => {
+    const text = page.text(), { answer } = inputs();
+    button.disabled = true;
+    chg.running = true;
+    try {
+      const [state] = await run([() => api.startChg([text], [answer], Number($("#heads-steps").value))], (s) => (
+        s.stage ? `${s.status}: ${s.stage}, step ${s.step}/${s.steps}` +
+                  (s.loss === null ? "" : `, loss ${s.loss.toFixed(3)}`)
+                : s.status));
+      if (state.status === "done") {
+        Object.assign(chg, { result: state.result, text, version: chg.version + 1 });
+        const c = state.result.counts;
+        status.textContent = `done: ${c.facilitating} facilitating, ${c.interfering} interfering, ` +
+                             `${c.irrelevant} irrelevant, ${c.ambiguous} ambiguous`;
+        $("#heads-show").value = "chg";
+        page.redraw();
+      } else {
+        status.textContent = state.error ?? state.status;
+      }
+    } catch (err) {
+      status.textContent = err.message;
+    } finally {
+      chg.running = false;
+      button.disabled = false;
     }
-    if (!i.corrupt) {
-      $("#heads-status").textContent = "Enter a corrupt prompt with as many tokens as the text (try the IOI example).";
-      return Promise.resolve(null);
-    }
-    return api.attributionPatch(text, i.corrupt, i.answer, i.distractor);
-  },
-  draw: (data, readout) => drawHeads(data, inputs(), readout),
-  name: () => `heads-${$("#heads-show").value}`,
-});
+  });
+  for (const id of ["#heads-show", "#heads-method", "#heads-stage", "#heads-answer", "#heads-distractor", "#heads-corrupt"]) {
+    $(id).addEventListener("change", () => {
+      status.textContent = chg.running ? status.textContent : "";
+      syncControls();
+      page.redraw();
+    });
+  }
+  syncControls();
+  return {
+    key: () => {
+      const i = inputs();
+      if (i.mode === "ablation") return `ablate/${i.answer}/${i.distractor}/${i.method}`;
+      if (i.mode === "chg") return `chg/${chg.version}`;
+      return `attribution/${i.corrupt}/${i.answer}/${i.distractor}`;  // one answer serves both modes
+    },
+    request: () => {
+      const i = inputs(), text = page.text();
+      if (i.mode === "ablation") return api.ablate(text, i.answer, i.distractor, i.method);
+      if (i.mode === "chg") {
+        if (chg.result && chg.text === text) return Promise.resolve(chg.result);
+        status.textContent = "Press Train CHG to learn the gates for this text and answer.";
+        return Promise.resolve(null);
+      }
+      if (!i.corrupt) {
+        status.textContent = "Enter a corrupt prompt with as many tokens as the text (try the IOI example).";
+        return Promise.resolve(null);
+      }
+      return api.attributionPatch(text, i.corrupt, i.answer, i.distractor);
+    },
+    draw: (data, readout) => drawHeads(data, inputs(), readout),
+    name: () => `heads-${$("#heads-show").value}`,
+  };
+}
 
-export function drawHeads(data, options, readout) {
-  const { values, roles, sequential, estimate, exact } = grids(data, options);
+function drawHeads(data, options, readout) {
+  const { values, roles, gates, estimate, exact } = grids(data, options);
   const nLayers = values.length, nHeads = values[0].length;
   const cell = Math.max(14, Math.min(36, Math.floor(560 / Math.max(nHeads, nLayers))));
   const gridW = nHeads * cell, gridH = nLayers * cell;
   const scatter = Boolean(estimate);
-  const side = LEFT + gridW + (scatter ? 90 : 36);  // where the scatter or the taxonomy legend starts
+  // where the scatter or the taxonomy legend starts: right of the heatmap and its colour bar
+  const side = LEFT + Math.max(gridW, 220) + (scatter ? 90 : 36);
   const W = Math.max(620, side + (scatter ? SCATTER + 20 : 190));
   const H = TOP + Math.max(gridH + 56, scatter ? SCATTER + 44 : 0, roles ? 110 : 0) + 8;
-  const max = Math.max(...values.flat().map(Math.abs));
-  const color = (v) => (sequential ? rgb(blues(v)) : diverging(v, max));
+  const scale = gates ? UNIT : diverging(Math.max(...values.flat().map(Math.abs)));
   const svg = figure(W, H, `Heads: ${MODES[options.mode]}`);
   const what = options.mode === "chg" ? `${MODES.chg}, stage ${options.stage}` : `${MODES[options.mode]}, ${data.metric}`;
   svg.append(el("text", { x: 8, y: 20, "font-size": 14, "font-weight": 600 }, `Layer x head: ${what}`),
              el("text", { x: 8, y: 38, fill: "#555", "font-size": 11 }, options.mode === "chg"
                ? "Gates in [0, 1]; marks: the CHG taxonomy from the final G- and G+ (threshold 0.5)."
-               : "Blue: the change lowers the metric; red: it raises it."));
-
-  const cells = [];
-  const heat = el("g", { transform: `translate(${LEFT} ${TOP})` });
-  values.forEach((row, l) => row.forEach((v, h) => {
-    const rect = el("rect", { x: h * cell, y: l * cell, width: cell - 1, height: cell - 1, fill: color(v),
-                              class: "cell head-cell", "data-layer": l, "data-head": h });
-    heat.append(rect);
-    cells.push(rect);
-    const role = roles?.[l][h];
-    if (role) {
-      rect.setAttribute("data-role", role);
-      if (ROLES[role].mark) heat.append(...roleMark(role, h * cell, l * cell, cell));
-    }
-  }));
-  for (let h = 0; h < nHeads; h += Math.ceil(12 / cell)) {
-    heat.append(el("text", { x: h * cell + cell / 2, y: -6, "text-anchor": "middle", "font-size": 10 }, `H${h}`));
+               : "Blue: the change raises the metric; red: it lowers it."));
+  const cells = heatmap(svg, values, {
+    x: LEFT, y: TOP, w: cell, h: cell, scale, cls: "head-cell", above: true,
+    rowLabels: values.map((_, l) => `L${l}`), colLabels: values[0].map((_, h) => `H${h}`),
+    attrs: (l, h) => ({ "data-layer": l, "data-head": h, ...(roles && { "data-role": roles[l][h] }) }),
+  });
+  if (roles) {
+    const marks = el("g", { transform: `translate(${LEFT} ${TOP})` });
+    roles.forEach((row, l) => row.forEach((role, h) => marks.append(...roleMark(role, h * cell, l * cell, cell))));
+    svg.append(marks);
   }
-  for (let l = 0; l < nLayers; l += Math.ceil(12 / cell)) {
-    heat.append(el("text", { x: -6, y: l * cell + cell / 2, "text-anchor": "end", "dominant-baseline": "middle",
-                             "font-size": 10 }, `L${l}`));
-  }
-  // Colour scale under the heatmap.
-  const steps = 20, barW = Math.max(gridW, 160) / steps;
-  const bar = el("g", { transform: `translate(0 ${gridH + 14})` });
-  for (let i = 0; i < steps; i++) {
-    const v = sequential ? i / (steps - 1) : (2 * i / (steps - 1) - 1) * max;
-    bar.append(el("rect", { x: i * barW, width: barW + 0.5, height: 10, fill: color(v) }));
-  }
-  bar.append(el("text", { x: 0, y: 24, "font-size": 10 }, sequential ? "0" : fmt(-max)),
-             el("text", { x: steps * barW, y: 24, "font-size": 10, "text-anchor": "end" }, sequential ? "1" : fmt(max)));
-  heat.append(bar);
-  svg.append(heat);
+  svg.append(colourBar(LEFT + 40, TOP + gridH + 14, Math.max(gridW - 80, 120), scale));
 
   if (roles) {
     const legend = el("g", { transform: `translate(${side} ${TOP})` });
@@ -189,60 +206,13 @@ function drawScatter(svg, data, estimate, exact, x0) {
   const points = xs.map((x, i) => {
     const layer = Math.floor(i / estimate[0].length);
     const point = el("circle", { cx: pos(x), cy: SCATTER - pos(ys[i]), r: 4, class: "scatter-point",
-                                 fill: rgb(blues(0.35 + 0.65 * layer / Math.max(1, estimate.length - 1))),
+                                 fill: rgb(UNIT.colour(0.35 + 0.65 * layer / Math.max(1, estimate.length - 1))),
                                  stroke: "#fff", "stroke-width": 0.5 });
     g.append(point);
     return point;
   });
   svg.append(g);
   return points;
-}
-
-// CHG: start a job on the current text and answer, poll it into the progress bar, cancel it.
-export function setUpHeads(currentText, redraw) {
-  const status = $("#heads-status");
-  const run = jobControls($("#heads-progress"), status, $("#heads-cancel"));
-  $("#heads-example").addEventListener("click", () => {
-    $("#heads-corrupt").value = IOI.corrupt;
-    $("#heads-answer").value = IOI.answer;
-    $("#heads-distractor").value = IOI.distractor;
-    $("#text").value = IOI.clean;
-    $("#input-form").requestSubmit();
-  });
-  $("#heads-train").addEventListener("click", async () => {
-    const text = currentText(), { answer } = inputs();
-    $("#heads-train").disabled = true;
-    chg.running = true;
-    try {
-      const [state] = await run([() => api.startChg([text], [answer], Number($("#heads-steps").value))], (s) => (
-        s.stage ? `${s.status}: ${s.stage}, step ${s.step}/${s.steps}` +
-                  (s.loss === null ? "" : `, loss ${s.loss.toFixed(3)}`)
-                : s.status));
-      if (state.status === "done") {
-        Object.assign(chg, { result: state.result, text, version: chg.version + 1 });
-        const c = state.result.counts;
-        status.textContent = `done: ${c.facilitating} facilitating, ${c.interfering} interfering, ` +
-                             `${c.irrelevant} irrelevant, ${c.ambiguous} ambiguous`;
-        $("#heads-show").value = "chg";
-        redraw();
-      } else {
-        status.textContent = state.error ?? state.status;
-      }
-    } catch (err) {
-      status.textContent = err.message;
-    } finally {
-      chg.running = false;
-      $("#heads-train").disabled = false;
-    }
-  });
-  for (const id of ["#heads-show", "#heads-method", "#heads-stage", "#heads-answer", "#heads-distractor", "#heads-corrupt"]) {
-    $(id).addEventListener("change", () => {
-      status.textContent = chg.running ? status.textContent : "";
-      syncControls();
-      redraw();
-    });
-  }
-  syncControls();
 }
 
 // Show only the controls the chosen mode uses.

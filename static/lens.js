@@ -1,13 +1,48 @@
 // Logit lens view: for one position, each layer's top-k next-token guesses (the residual stream
 // read through the final layer norm and unembedding), as a layers x top-k table of bars.
-import { el, figure, readable, showToken } from "./svg.js";
+// The grid mode: see lensgrid.js.
+import * as api from "./api.js";
+import { tokenSpec } from "./api.js";
+import { $ } from "./dom.js";
+import { drawLensGrid, fillShades, gridWindow } from "./lensgrid.js";
+import { el, figure, percent, readable, showToken } from "./svg.js";
 
 const ROW_LABEL = 64, CELL_W = 150, ROW_H = 28, TOP = 58;
 
-// Two significant digits below 10%, so small probabilities do not all read "0.0%".
-const percent = (p) => `${p >= 0.1 ? (p * 100).toFixed(1) : Number((p * 100).toPrecision(2))}%`;
+const grid = () => $("#lens-mode").value === "grid";
 
-export function drawLens(data, readout) {
+// The view (see app.js's TABS), in either mode. The grid refetches only for another window or
+// target: shade and position just redraw.
+export function lensView(page) {
+  const position = () => Number($("#lens-pos").value);
+  const positions = () => gridWindow(page.tokens().length, position());
+  fillShades($("#lens-shade"));
+  $("#lens-mode").addEventListener("change", () => {
+    document.querySelectorAll("#panel-lens .grid-only").forEach((n) => { n.hidden = !grid(); });
+    document.querySelectorAll("#panel-lens .position-only").forEach((n) => { n.hidden = grid(); });
+    page.redraw();
+  });
+  return {
+    controls: ["#lens-pos", "#lens-k", "#lens-shade", "#lens-target"],
+    key: () => (grid() ? `grid/${positions()}/${$("#lens-target").value}` : `${position()}/${$("#lens-k").value}`),
+    request: () => (grid()
+      ? api.lens(page.text(), { positions: positions(), target: tokenSpec($("#lens-target").value), top_k: 5 })
+      : api.predict(page.text(), position(), Number($("#lens-k").value))),
+    draw: (data, readout) => (grid()
+      ? drawLensGrid(data, readout, {
+        shade: $("#lens-shade").value,
+        position: position(),
+        select: (p) => {
+          $("#lens-pos").value = String(p);
+          page.redraw();
+        },
+      })
+      : drawLens(data, readout)),
+    name: () => (grid() ? "lens-grid" : `lens-pos${position()}`),
+  };
+}
+
+function drawLens(data, readout) {
   const rows = data.predictions_by_layer;
   const k = rows[0].top_tokens.length;
   const W = ROW_LABEL + k * CELL_W + 8, H = TOP + rows.length * ROW_H + 10;

@@ -2,17 +2,29 @@
 // layer's top-1 next-token guess, shaded by its probability, the distribution's entropy or its KL
 // to the final layer; with a target, the target's probability and rank across layers at the
 // selected position, its crossover layer marked.
-import { blues, colourBar, el, figure, inkOn, readable, rgb, showToken } from "./svg.js";
+import { options } from "./dom.js";
+import { colourBar, el, figure, heatmap, percent, readable, sequential, showToken } from "./svg.js";
 
 const LEFT = 52, TOP = 74, CW = 64, CH = 22, CHART_H = 150;
+// A grid reads at most this many positions per request: a window around the selected one.
+const GRID_POSITIONS = 96;
 
-const percent = (p) => `${p >= 0.1 ? (p * 100).toFixed(1) : Number((p * 100).toPrecision(2))}%`;
-
-export const SHADES = {
-  probability: { label: "top-1 probability", value: (data, l, i) => data.top[l][i][0].probability },
-  entropy: { label: "entropy (nats)", value: (data, l, i) => data.entropy[l][i] },
-  kl: { label: "KL(final ‖ layer) (nats)", value: (data, l, i) => data.kl_to_final[l][i] },
+const SHADES = {
+  probability: { option: "probability", label: "top-1 probability", value: (data, l, i) => data.top[l][i][0].probability },
+  entropy: { option: "entropy", label: "entropy (nats)", value: (data, l, i) => data.entropy[l][i] },
+  kl: { option: "KL to final", label: "KL(final ‖ layer) (nats)", value: (data, l, i) => data.kl_to_final[l][i] },
 };
+
+// A "Shade" selector (the lens and compare views have one).
+export const fillShades = (select) => options(select, Object.entries(SHADES).map(([key, s]) => [key, s.option]),
+                                              "probability");
+
+// The positions a grid asks for among `n` tokens (undefined: every one), centred on `selected`.
+export function gridWindow(n, selected) {
+  if (n <= GRID_POSITIONS) return undefined;
+  const start = Math.min(Math.max(selected - GRID_POSITIONS / 2, 0), n - GRID_POSITIONS);
+  return Array.from({ length: GRID_POSITIONS }, (_, i) => start + i);
+}
 
 // The target's probability (left axis) and rank (right axis, log scale, 1 on top) by layer at
 // position index `k` of the answer, with the crossover layer marked.
@@ -73,7 +85,7 @@ export function drawLensGrid(data, readout, { shade, position, select }) {
   const max = shade === "probability" ? 1 : Math.max(...values.flat(), 1e-9);
   const gridW = nPos * CW, gridH = nLayers * CH;
   const k = Math.max(data.positions.indexOf(position), 0);
-  const chartY = TOP + gridH + 96;
+  const chartY = TOP + gridH + 110;  // below the colour bar and its note
   const W = Math.max(LEFT + gridW + 24, 760);
   const H = data.target ? chartY + CHART_H + 48 : TOP + gridH + 80;
   const svg = figure(W, H, `Logit lens grid, ${nLayers} layers by ${nPos} positions`);
@@ -84,22 +96,15 @@ export function drawLensGrid(data, readout, { shade, position, select }) {
     el("text", { x: 8, y: 38, fill: "#555" },
        `shade = ${how.label}; grey row = the token that actually comes next; click a column to select it`),
   );
-  const cells = [];
-  for (let r = 0; r < nLayers; r++) {
-    const l = nLayers - 1 - r;
-    svg.append(el("text", { x: 8, y: TOP + r * CH + CH / 2, "dominant-baseline": "middle", "font-weight": 600 }, `L${l}`));
-    data.positions.forEach((p, i) => {
-      const fill = blues(values[l][i] / max);
-      const cell = el("g", { class: "lens-grid-cell", transform: `translate(${LEFT + i * CW} ${TOP + r * CH})`,
-                             "data-layer": l, "data-position": p },
-        el("rect", { width: CW - 1, height: CH - 1, fill: rgb(fill) }),
-        el("text", { x: CW / 2, y: CH / 2, "text-anchor": "middle", "dominant-baseline": "middle",
-                     "font-size": 11, fill: inkOn(fill) }, showToken(data.top[l][i][0].token, 8)));
-      cell.addEventListener("click", () => select(p));
-      svg.append(cell);
-      cells.push({ cell, l, i });
-    });
-  }
+  const scale = sequential(max);
+  const layer = (r) => nLayers - 1 - r;  // rows: the last layer on top
+  const cells = heatmap(svg, [...values].reverse(), {
+    x: LEFT, y: TOP, w: CW, h: CH, scale, cls: "lens-grid-cell",
+    rowLabels: values.map((_, r) => `L${layer(r)}`),
+    text: (v, r, i) => showToken(data.top[layer(r)][i][0].token, 8),
+    attrs: (r, i) => ({ "data-layer": layer(r), "data-position": data.positions[i] }),
+  });
+  cells.forEach((cell, j) => cell.addEventListener("click", () => select(data.positions[j % nPos])));
   data.positions.forEach((p, i) => {
     const x = LEFT + i * CW + CW / 2;
     const next = data.tokens[p + 1];
@@ -111,12 +116,11 @@ export function drawLensGrid(data, readout, { shade, position, select }) {
   });
   svg.append(el("rect", { x: LEFT + k * CW - 1, y: TOP - 20, width: CW + 1, height: gridH + 52, fill: "none",
                           stroke: "#d62728", "stroke-width": 2, class: "selected-column" }),
-             colourBar(LEFT + 20, TOP + gridH + 44, 200, blues, "0",
-                       `${shade === "probability" ? "1" : Number(max.toPrecision(3))} ${how.label}`));
+             colourBar(LEFT + 20, TOP + gridH + 44, 200, scale, how.label));
   if (data.target) svg.append(targetChart(data, k, LEFT + 20, chartY));
 
-  readable(svg, cells.map((c) => c.cell), nPos, (j) => {
-    const { l, i } = cells[j];
+  readable(svg, cells, nPos, (j) => {
+    const l = layer(Math.floor(j / nPos)), i = j % nPos;
     const p = data.positions[i];
     const top = data.top[l][i].map((t) => `${JSON.stringify(t.token)} ${percent(t.probability)}`).join(", ");
     let text = `layer ${l}, after #${p} ${showToken(data.tokens[p], 24)}: ${top}; ` +

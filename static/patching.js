@@ -2,10 +2,10 @@
 // drawn as a diverging layer x position (or layer x head) heatmap of the recovery. Before anything
 // is sent, both prompts are tokenized side by side and a length mismatch is explained.
 import * as api from "./api.js";
+import { $, make, options } from "./dom.js";
 import { jobView } from "./jobs.js";
-import { colourBar, diverging, el, figure, fmt, heatmap, readable, rgb, showToken } from "./svg.js";
+import { colourBar, diverging, el, figure, fmt, heatmap, readable, showToken } from "./svg.js";
 
-const $ = (selector) => document.querySelector(selector);
 const LEFT = 48, TOP = 84;
 const SITES = {
   resid_pre: "residual stream entering each block",
@@ -57,16 +57,16 @@ async function comparePrompts() {
                        `${differ.join(", ")}` + (differ.length === 1 ? ` (${at(differ[0])})` : "") + ".";
   }
   note.className = a.length === b.length ? "hint" : "hint mismatch";
-  const td = (tag, textContent, props = {}) => Object.assign(document.createElement(tag), { textContent, ...props });
   const row = (label, cells) => {
-    const tr = document.createElement("tr");
-    tr.append(td("th", label), ...cells);
+    const tr = make("tr");
+    tr.append(make("th", { textContent: label }), ...cells);
     return tr;
   };
-  const tokens = (list) => [...Array(n).keys()].map((i) => td("td", list[i] ? showToken(list[i].token_str, 16) : "", {
-    className: differ.includes(i) ? "differs" : "", title: list[i] ? `#${i} · id ${list[i].token_id}` : `no token #${i}`,
+  const tokens = (list) => [...Array(n).keys()].map((i) => make("td", {
+    textContent: list[i] ? showToken(list[i].token_str, 16) : "", className: differ.includes(i) ? "differs" : "",
+    title: list[i] ? `#${i} · id ${list[i].token_id}` : `no token #${i}`,
   }));
-  table.replaceChildren(row("#", [...Array(n).keys()].map((i) => td("td", String(i)))),
+  table.replaceChildren(row("#", [...Array(n).keys()].map((i) => make("td", { textContent: String(i) }))),
                         row(`clean (${a.length})`, tokens(a)), row(`corrupt (${b.length})`, tokens(b)));
 }
 
@@ -83,21 +83,28 @@ function syncPosition(data) {
   const select = $("#patch-position"), byPos = data.site === "heads_by_position";
   $("#patch-position-label").hidden = !byPos;
   if (!byPos || positionsOf === data) return;
-  select.replaceChildren(...data.positions.map((t, p) => new Option(`#${p} ${showToken(t, 16)}`, String(p))));
-  select.value = String(busiestPosition(data.recovery ?? data.effect));
+  options(select, data.positions.map((t, p) => [String(p), `#${p} ${showToken(t, 16)}`]),
+          String(busiestPosition(data.recovery ?? data.effect)));
   positionsOf = data;
 }
 
-// The view (see app.js's `views`); `setUp(redraw)` wires its controls.
-export function patchingView() {
-  let site = "";
-  const view = jobView({
-    button: $("#patch-run"), bar: $("#patch-progress"), status: $("#patch-status"), cancel: $("#patch-cancel"),
+// The view (see app.js's TABS); the prompts are compared as they are typed.
+export function patchingView(page) {
+  let site = "", timer;
+  for (const id of ["#patch-clean", "#patch-corrupt"]) {
+    $(id).addEventListener("input", () => {
+      clearTimeout(timer);
+      timer = setTimeout(comparePrompts, 250);
+    });
+  }
+  comparePrompts();
+  return jobView({
+    prefix: "patch", redraw: page.redraw, controls: ["#patch-position"],
     hint: "Press Run to patch every cell (a job: the bar shows its progress).",
     read: inputs,
     starts: (i) => [() => api.startPatch(i.clean, i.corrupt, i.answer, i.distractor, i.site, i.direction)],
-    finish: ([data]) => {
-      $("#patch-status").textContent = `done: ${data.cells_computed} cells run` + (data.warning ? `; ${data.warning}` : "");
+    finish: ([data], status) => {
+      status.textContent = `done: ${data.cells_computed} cells run` + (data.warning ? `; ${data.warning}` : "");
       return data;
     },
     draw: (data, readout) => {
@@ -107,24 +114,10 @@ export function patchingView() {
     },
     name: () => `patching-${site}`,
   });
-  const setUpJobs = view.setUp;
-  view.setUp = (redraw) => {
-    setUpJobs(redraw);
-    let timer;
-    for (const id of ["#patch-clean", "#patch-corrupt"]) {
-      $(id).addEventListener("input", () => {
-        clearTimeout(timer);
-        timer = setTimeout(comparePrompts, 250);
-      });
-    }
-    $("#patch-position").addEventListener("change", redraw);
-    comparePrompts();
-  };
-  return view;
 }
 
 // values: [rows][cols] of the shown grid; the heatmap with tokens (or heads) on the x axis.
-export function drawPatching(data, readout, position) {
+function drawPatching(data, readout, position) {
   const byPos = data.site === "heads_by_position", heads = data.site.startsWith("heads");
   const shown = data.recovery ?? data.effect;
   const base = data.direction === "denoise" ? data.corrupt_metric : data.clean_metric;
@@ -138,7 +131,7 @@ export function drawPatching(data, readout, position) {
   const columns = heads ? data.columns : data.tokens_clean;
   const differs = data.tokens_clean.map((t, i) => t !== data.tokens_corrupt[i]);
   const labelH = heads ? 24 : 86;
-  const W = Math.max(LEFT + nCols * w + 40, 920), H = TOP + nRows * h + labelH + 40;
+  const W = Math.max(LEFT + nCols * w + 40, 920), H = TOP + nRows * h + labelH + 44;
   const svg = figure(W, H, `Activation patching, ${data.site}, ${data.direction}`);
   const where = byPos ? ` at #${position} ${showToken(data.tokens_clean[position], 16)}` : "";
   svg.append(
@@ -152,9 +145,9 @@ export function drawPatching(data, readout, position) {
     el("text", { x: 8, y: 54, fill: "#555", "font-size": 11 },
        `${data.cells_computed} cells run; the others patch an activation equal to the base run's.` +
        (heads ? "" : " Underlined: positions where the prompts differ.")));
-  const cells = heatmap(svg, values, {
-    x: LEFT, y: TOP, w, h, cls: "patch-cell",
-    fill: (v) => rgb(diverging(colourOf(v) / max)),
+  const scale = diverging(max);
+  const cells = heatmap(svg, values.map((row) => row.map(colourOf)), {
+    x: LEFT, y: TOP, w, h, scale, cls: "patch-cell",
     rowLabels: data.rows,
     colLabels: columns.map((c) => (heads ? c : showToken(c, 12))),
     rotate: !heads,
@@ -163,8 +156,7 @@ export function drawPatching(data, readout, position) {
     differs.forEach((d, p) => d && svg.append(el("line", { x1: LEFT + p * w + 2, x2: LEFT + (p + 1) * w - 3,
       y1: TOP + nRows * h + 3, y2: TOP + nRows * h + 3, stroke: "#d62728", "stroke-width": 2, class: "differs" })));
   }
-  svg.append(colourBar(LEFT + 40, TOP + nRows * h + labelH + 12, 200, (t) => diverging(2 * t - 1),
-                       fmt(-max), `${fmt(max)} ${data.recovery ? "recovery" : "metric change"}`));
+  svg.append(colourBar(LEFT + 40, TOP + nRows * h + labelH + 12, 200, scale, data.recovery ? "recovery" : "metric change"));
   readable(svg, cells, nCols, (i) => {
     const r = Math.floor(i / nCols), c = i % nCols;
     let what = heads ? `${data.rows[r]} ${columns[c]}${where}` : `${data.rows[r]} · #${c} ${showToken(columns[c], 24)}`;

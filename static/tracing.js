@@ -3,20 +3,16 @@
 // each cell the answer's probability after restoring that clean state into the noised run; the
 // subject tokens (the ones noised) are starred.
 import * as api from "./api.js";
+import { $ } from "./dom.js";
 import { jobView } from "./jobs.js";
-import { colourBar, el, figure, fmt as fmt4, heatmap, readable, rgb, showToken } from "./svg.js";
+import { colourBar, el, figure, fmt, heatmap, readable, sequential, showToken } from "./svg.js";
 
-const $ = (selector) => document.querySelector(selector);
-const KINDS = {  // ROME's colours
+const KINDS = {  // ROME's colours: each kind's sequential scale runs from white to its own hue
   resid: { label: "residual stream", color: [84, 39, 143] },
   mlp: { label: "MLP", color: [0, 109, 44] },
   attn: { label: "attention", color: [165, 15, 21] },
 };
 const LABELS = 120, TOP = 84, GAP = 40, ROW = 20, PANEL_MIN = 220;
-
-const shade = (color, t) => color.map((c) => Math.round(255 + (c - 255) * Math.min(Math.max(t, 0), 1)));
-
-const fmt = (v) => fmt4(v, 3);
 
 function inputs() {
   return {
@@ -25,15 +21,15 @@ function inputs() {
   };
 }
 
-// The view (see app.js's `views`); its data is the list of the three answers.
-export const tracingView = () => jobView({
-  button: $("#trace-run"), bar: $("#trace-progress"), status: $("#trace-status"), cancel: $("#trace-cancel"),
+// The view (see app.js's TABS); its data is the list of the three answers.
+export const tracingView = (page) => jobView({
+  prefix: "trace", redraw: page.redraw,
   hint: "Press Run to trace the three kinds (jobs: the bar shows their progress).",
   read: inputs,
   starts: (i) => Object.keys(KINDS).map((kind) => () => api.startCausalTrace(i.text, i.subject, i.answer, kind,
                                                                               i.samples)),
-  finish: (data) => {
-    $("#trace-status").textContent = ["done", ...new Set(data.filter((d) => d.warning).map((d) => d.warning))].join("; ");
+  finish: (data, status) => {
+    status.textContent = ["done", ...new Set(data.filter((d) => d.warning).map((d) => d.warning))].join("; ");
     return data;
   },
   draw: drawTracing,
@@ -45,7 +41,7 @@ function windowOf(layer, window, nLayers) {
   return [Math.max(0, layer - Math.floor(window / 2)), Math.min(nLayers, layer + Math.ceil(window / 2)) - 1];
 }
 
-export function drawTracing(data, readout) {
+function drawTracing(data, readout) {
   const first = data[0], tokens = first.tokens, nLayers = first.scores.length, seq = tokens.length;
   const subject = new Set(first.subject_positions);
   const w = Math.max(12, Math.floor(Math.max(PANEL_MIN, 12 * nLayers) / nLayers));
@@ -63,17 +59,18 @@ export function drawTracing(data, readout) {
   data.forEach((d, k) => {
     const x = LABELS + k * (panelW + GAP), kind = KINDS[d.kind];
     const values = tokens.map((_, p) => d.scores.map((row) => row[p]));  // [position][layer]
-    const lo = Math.min(d.corrupt_prob, ...values.flat()), hi = Math.max(...values.flat());
-    const t = (v) => (v - lo) / (hi - lo || 1);
+    // from the noised run's probability (or below) to the best restoration
+    const scale = sequential(Math.max(...values.flat()), { lo: Math.min(d.corrupt_prob, ...values.flat()),
+                                                           stops: [[255, 255, 255], kind.color] });
     svg.append(el("text", { x, y: TOP - 14, "font-weight": 600, class: "trace-title" },
                   `restore ${kind.label}${d.window === null ? "" : ` (window ${d.window})`}`));
     const cells = heatmap(svg, values, {
-      x, y: TOP, w, h: ROW, cls: `trace-cell trace-${d.kind}`, fill: (v) => rgb(shade(kind.color, t(v))),
+      x, y: TOP, w, h: ROW, scale, cls: `trace-cell trace-${d.kind}`,
       rowLabels: k === 0 ? tokens.map((tok, p) => `${subject.has(p) ? "*" : ""}${showToken(tok, 14)}`) : [],
       colLabels: [...Array(nLayers).keys()].map(String),
     });
     svg.append(el("text", { x: x + panelW / 2, y: TOP + seq * ROW + 26, "text-anchor": "middle", "font-size": 11 }, "layer"),
-               colourBar(x + 60, TOP + seq * ROW + 38, panelW - 120, (s) => shade(kind.color, s), fmt(lo), fmt(hi)));
+               colourBar(x + 60, TOP + seq * ROW + 38, panelW - 120, scale));
     cells.forEach((cell, i) => {
       const p = Math.floor(i / nLayers), l = i % nLayers;
       if (subject.has(p)) cell.setAttribute("data-subject", "");

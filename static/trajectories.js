@@ -1,6 +1,7 @@
 // Trajectories view: each traced token's residual stream, layer by layer, in the shared 2D PCA
 // plane of the /trace answer.
-import { PALETTE, el, figure, readable, showToken } from "./svg.js";
+import * as api from "./api.js";
+import { PALETTE, el, figure, percent, readable, showToken } from "./svg.js";
 
 const W = 940, H = 520;
 const M = { left: 56, right: 170, top: 50, bottom: 48 };
@@ -8,8 +9,6 @@ const ROW = 18;
 // Legend rows that fit beside the plot; past that the last row counts the rest (every path
 // still has its end label and hover text), so a 1000-token trace keeps a readable plot.
 const LEGEND_ROWS = Math.floor((H - M.top - M.bottom) / ROW);
-
-const pct = (v) => `${(v * 100).toFixed(1)}%`;
 
 function scale([lo, hi], [a, b]) {
   const span = hi - lo || 1;
@@ -22,7 +21,15 @@ function extent(values) {
   return [lo - pad, hi + pad];
 }
 
-export function drawTrajectories(data, readout) {
+// The view (see app.js's TABS): the tokens whose chips are pressed.
+export const trajectoriesView = (page) => ({
+  key: () => [...page.traced()].join(","),
+  request: () => api.trace(page.text(), [...page.traced()].sort((a, b) => a - b)),
+  draw: drawTrajectories,
+  name: () => "trajectories",
+});
+
+function drawTrajectories(data, readout) {
   const [ev1, ev2] = data.pca_explained_variance;
   const paths = data.tokens.map((t) => data.trajectories[String(t.index)]);
   const all = paths.flat();
@@ -33,15 +40,15 @@ export function drawTrajectories(data, readout) {
   const svg = figure(W, H, "Residual stream trajectories across layers (PCA)");
   svg.append(
     el("text", { x: M.left, y: 22, "font-size": 14, "font-weight": 600 },
-       `Residual stream by layer, 2D PCA (explains ${pct(ev1 + ev2)} of variance)`),
+       `Residual stream by layer, 2D PCA (explains ${percent(ev1 + ev2)} of variance)`),
     el("text", { x: M.left, y: 38, fill: "#555", "font-size": 11 },
        `Each path runs from layer 0 (faint) to layer ${nLayers - 1} (solid); hover a path for its layers.`),
     el("rect", { x: M.left, y: M.top, width: W - M.left - M.right, height: H - M.top - M.bottom,
                  fill: "none", stroke: "#ccc" }),
     el("text", { x: (M.left + W - M.right) / 2, y: H - 14, "text-anchor": "middle", fill: "#444" },
-       `PC1 (${pct(ev1)} of variance)`),
+       `PC1 (${percent(ev1)} of variance)`),
     el("text", { transform: `translate(18 ${(M.top + H - M.bottom) / 2}) rotate(-90)`,
-                 "text-anchor": "middle", fill: "#444" }, `PC2 (${pct(ev2)} of variance)`),
+                 "text-anchor": "middle", fill: "#444" }, `PC2 (${percent(ev2)} of variance)`),
   );
 
   const points = [];

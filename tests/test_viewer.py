@@ -391,10 +391,10 @@ def test_heads_chg_job_with_progress_and_taxonomy(page, server):
     page.wait_for_function("document.querySelector('#heads-status').textContent.includes('Train CHG')")
     page.fill("#heads-steps", "40")
     with page.expect_response("**/jobs/chg") as started:
-        page.click("#heads-train")
+        page.click("#heads-run")
     job = started.value.json()["job"]
     page.wait_for_function("document.querySelector('#heads-progress').value > 0")
-    assert page.locator("#heads-train").is_disabled()
+    assert page.locator("#heads-run").is_disabled()
     panel.locator("svg.figure").wait_for(timeout=60_000)
     result = server[1].get(f"/jobs/{job}").get_json()["result"]
     counts = result["counts"]
@@ -412,11 +412,11 @@ def test_heads_chg_cancel(page, server):
     panel = open_view(page, "heads")
     page.select_option("#heads-show", "chg")
     page.fill("#heads-steps", "1000")
-    page.click("#heads-train")
+    page.click("#heads-run")
     page.wait_for_function("document.querySelector('#heads-progress').value > 0")
     page.click("#heads-cancel")
     page.wait_for_function("document.querySelector('#heads-status').textContent === 'cancelled'")
-    assert not page.locator("#heads-train").is_disabled() and panel.locator("svg.figure").count() == 0
+    assert not page.locator("#heads-run").is_disabled() and panel.locator("svg.figure").count() == 0
 
 
 def test_heads_ioi_example_fills_the_pair(page):
