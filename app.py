@@ -15,7 +15,8 @@ from werkzeug.exceptions import HTTPException
 
 from explorer import web
 from explorer.errors import Cancelled, InvalidRequest, Overloaded
-from explorer.runtime.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, CacheBudget, tune_allocator
+from explorer.runtime.engine import (DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_WORK_BYTES, CacheBudget,
+                                     tune_allocator)
 from explorer.runtime.jobs import JobManager
 from explorer.runtime.loading import (DEVICE_MAPS, LoadedModel, ModelLoadError, load_model, parse_max_memory,
                                       resolve_device, route_library_logs)
@@ -41,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 1 << 20,  # request bodies; larger ones get 413 before parsing
     "MAX_RESPONSE_BYTES": 100 << 20,
     "CACHE_BYTES": DEFAULT_CACHE_BYTES,
+    "WORK_BYTES": DEFAULT_WORK_BYTES,  # one request's working memory at once, beside the cache
     "QUEUE_SIZE": DEFAULT_QUEUE_SIZE,
     "CHECK_HOST": True,  # reject non-loopback Host headers (DNS rebinding); off for public binds
 }
@@ -81,7 +83,8 @@ def create_app(config: dict[str, Any] | None = None,
         model = [dataclasses.replace(m, name=name) for name, m in model.items()]
     loaded = [model] if isinstance(model, LoadedModel) else list(model)
     budget = CacheBudget(app.config["CACHE_BYTES"])  # one bound for all models' caches
-    models = Models([Explorer(m, queue_size=app.config["QUEUE_SIZE"], budget=budget) for m in loaded])
+    models = Models([Explorer(m, queue_size=app.config["QUEUE_SIZE"], budget=budget,
+                              work_bytes=app.config["WORK_BYTES"]) for m in loaded])
     app.extensions["models"] = models
     app.extensions["explorer"] = models.default
     app.extensions["jobs"] = JobManager()
@@ -172,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: localhost/127.0.0.1 pages on any port and file:// pages)")
     p.add_argument("--cache-mb", type=int, default=int(env("EXPLORER_CACHE_MB", str(DEFAULT_CACHE_BYTES >> 20))),
                    help="activation cache bound in MiB [EXPLORER_CACHE_MB] (default %(default)s)")
+    p.add_argument("--work-mb", type=int, default=int(env("EXPLORER_WORK_MB", str(DEFAULT_WORK_BYTES >> 20))),
+                   help="working memory one request may use at once beside the cache, in MiB; long requests "
+                        "are chunked to it and refused past it [EXPLORER_WORK_MB] (default %(default)s)")
     p.add_argument("--threads", type=int, default=int(env("EXPLORER_THREADS", "8")),
                    help="HTTP worker threads [EXPLORER_THREADS] (default 8)")
     args = p.parse_args(argv)
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
              args.device_map or resolve_device(args.device))
     config: dict[str, Any] = {"RANDOM_WEIGHTS": args.random_weights, "DEVICE": args.device, "DTYPE": args.dtype,
                               "DEVICE_MAP": args.device_map, "OFFLOAD_DIR": args.offload_dir,
-                              "CACHE_BYTES": args.cache_mb << 20, "CHECK_HOST": loopback}
+                              "CACHE_BYTES": args.cache_mb << 20, "WORK_BYTES": args.work_mb << 20,
+                              "CHECK_HOST": loopback}
     try:
         config["MAX_MEMORY"] = parse_max_memory(args.max_memory) if args.max_memory else None
         models = load_models(args.model, config)

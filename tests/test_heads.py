@@ -406,11 +406,12 @@ def test_chg_micro_batches_equal_one_batch(client, monkeypatch):
 
     body = {"texts": CHG_PROMPTS, "targets": [" mat", " Mary", " Paris", " six"], "steps": 5, "seed": 3}
     ids = [ids_of(client, t) for t in CHG_PROMPTS]
-    cfg = client.application.extensions["explorer"].model.cfg
-    assert len(chg.micro_batches(ids, cfg)) == 1 and len({len(i) for i in ids}) > 1  # padded
+    ex = client.application.extensions["explorer"]
+    cfg = ex.model.cfg
+    assert len(chg.micro_batches(ids, cfg, ex.budget(max(map(len, ids))))) == 1 and len({len(i) for i in ids}) > 1
     whole = wait_job(client, ok_job(client, body))["result"]
-    monkeypatch.setattr(replay, "row_budget", lambda cfg, seq, device: (1, 1.0))  # one text per micro-batch
-    assert [len(batch) for batch in chg.micro_batches(ids, cfg)] == [1] * len(ids)
+    monkeypatch.setattr(replay, "budget", lambda cfg, seq, max_bytes, rate: replay.Budget(1, 1.0))  # one text per chunk
+    assert [len(batch) for batch in chg.micro_batches(ids, cfg, ex.budget(max(map(len, ids))))] == [1] * len(ids)
     state = wait_job(client, ok_job(client, body))
     split = state["result"]
     assert state["status"] == "done" and split["loss_ungated"] == pytest.approx(whole["loss_ungated"], abs=1e-5)

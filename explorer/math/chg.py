@@ -45,12 +45,11 @@ THRESHOLD = 0.5
 LABELS = ("facilitating", "interfering", "irrelevant", "ambiguous")
 
 
-def micro_batches(ids: Sequence[Sequence[int]], cfg: Any) -> list[list[int]]:
+def micro_batches(ids: Sequence[Sequence[int]], cfg: Any, budget: replay.Budget) -> list[list[int]]:
     """Texts (indices) grouped by length into batches of about one chunk of work each: a forward
-    and backward pass over at most the `replay.row_budget` block work of a chunk."""
+    and backward pass over at most the block work of a chunk (`budget.work`)."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    longest = max(len(i) for i in ids)
-    tokens = replay.row_budget(cfg, longest, str(cfg.device))[1] / int(cfg.n_layers)
+    tokens = budget.work / int(cfg.n_layers)
     batches: list[list[int]] = []
     for i in order:
         if batches and (len(batches[-1]) + 1) * len(ids[i]) <= tokens:
@@ -93,13 +92,13 @@ def taxonomy(toward_zero: np.ndarray, toward_one: np.ndarray) -> list[list[str]]
 
 
 def train(bridge: Any, ids: list[tuple[int, ...]], answers: list[int], steps: int, lr: float, lam: float,
-          seed: int) -> Steps:
+          seed: int, budget: replay.Budget) -> Steps:
     """The three stages of gate training, one micro-batch per chunk; returns the gates, losses and
     taxonomy (the JSON-ready fields of a CHG result but the targets)."""
     cfg = bridge.cfg
     n_layers, n_heads, device = int(cfg.n_layers), int(cfg.n_heads), cfg.device
     with torch.inference_mode(False):  # autograd saves the token ids (the embedding's backward)
-        batches = [(_padded(ids, rows, device), [answers[i] for i in rows]) for rows in micro_batches(ids, cfg)]
+        batches = [(_padded(ids, rows, device), [answers[i] for i in rows]) for rows in micro_batches(ids, cfg, budget)]
     total = len(STAGES) * steps * len(batches)
     status: dict[str, Any] = {"progress": 0.0, "stage": STAGES[0][0], "step": 0, "steps": steps, "loss": None}
 

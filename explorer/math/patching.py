@@ -108,20 +108,19 @@ def pair_metrics(bridge: Any, target: Target, clean: replay.Acts,
 
 
 def run_cells(bridge: Any, site: str, cells: list[Cell], base: replay.Acts, source: replay.Acts,
-              target: Target) -> Generator[float, None, np.ndarray]:
+              target: Target, budget: replay.Budget) -> Generator[float, None, np.ndarray]:
     """The metric after each cell's replacement [len(cells)]: `base` run with the cell's
     activation taken from `source`. Cells must be sorted by layer. Runs in chunks (batched
     replays), yielding the progress before each."""
-    cfg = bridge.cfg
-    seq, n_layers = base.resid.shape[1], int(cfg.n_layers)
+    seq, n_layers = base.resid.shape[1], int(bridge.cfg.n_layers)
     out = np.empty(len(cells), dtype=np.float32)
-    chunks = replay.plan_chunks([c.layer for c in cells], 1, seq, n_layers,
-                                replay.row_budget(cfg, seq, str(cfg.device)))
+    chunks = replay.plan_chunks([c.layer for c in cells], 1, seq, n_layers, budget)
 
-    def run(chunk: tuple[int, int]) -> None:
+    def run(chunk: tuple[int, int]) -> Generator[float, None, None]:
         begin, end = chunk
         starts, edits = cell_rows(site, cells[begin:end], base, source)
-        out[begin:end] = target.metric(replay.run_rows(bridge, base.blocks, starts, edits)).cpu().numpy()
+        logits = yield from replay.run_rows(bridge, base.blocks, starts, edits, budget.work)
+        out[begin:end] = target.metric(logits).cpu().numpy()
 
     yield from over_chunks(chunks, run)
     return out

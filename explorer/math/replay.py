@@ -14,8 +14,9 @@ per chunk instead of one pass per cell, and only the last position is read out.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 import torch
 
@@ -129,6 +130,11 @@ class Edit:
     positions: torch.Tensor | None = None
     heads: torch.Tensor | None = None
 
+    @property
+    def layer(self) -> int:
+        """The block whose hook point this edit replaces (`blocks.{layer}. ...`)."""
+        return int(self.hook.split(".")[1])
+
     def __call__(self, tensor: torch.Tensor, hook: Any) -> torch.Tensor:
         out = tensor.clone()  # a new tensor: the hooked one may be a view the block still reads
         values = self.values.to(out.device, out.dtype)
@@ -155,61 +161,92 @@ def _block(bridge: Any, layer: int, hidden: torch.Tensor, inputs: BlockInputs) -
 
 
 def run_rows(bridge: Any, blocks: Sequence[BlockInputs], starts: Sequence[tuple[int, torch.Tensor]],
-             edits: Sequence[Edit]) -> torch.Tensor:
+             edits: Sequence[Edit], max_work: float = math.inf) -> Generator[float, None, torch.Tensor]:
     """Run rows from their start layers to the end; return the last position's logits [rows, d_vocab].
 
     starts: (layer, states [n, seq, d_model]) groups in ascending layer order; the rows are
     numbered in that order, so the batch at block `l` is rows 0 .. (rows starting at <= l) - 1,
     and `Edit.rows` index it directly. A group at layer n_layers only reads out. An edit must only
     touch rows that have joined by its layer.
+
+    A generator: it yields its progress (a fraction) whenever the next block would take the
+    block work since the last yield past `max_work` (rows x positions x blocks), so one long row
+    still leaves the worker every `max_work`. Each block's edits are attached only while that
+    block runs: no hook of ours is on the model between two yields, when other requests use it.
     """
     n_layers = len(blocks)
     groups = list(starts)
+    seq = groups[0][1].shape[1]
+    total = sum(s.shape[0] * (n_layers - l) for l, s in groups) * seq or 1
+    by_layer: dict[int, list[Edit]] = {}
+    for e in edits:
+        by_layer.setdefault(e.layer, []).append(e)
     state: torch.Tensor | None = None
-    with bridge.hooks(fwd_hooks=[(e.hook, e) for e in edits]):
-        for layer in range(groups[0][0], n_layers + 1):
-            joining = [s for l, s in groups if l == layer]
-            if joining:
-                device = joining[0].device if state is None else state.device
-                parts = ([] if state is None else [state]) + [s.to(device) for s in joining]
-                state = torch.cat(parts) if len(parts) > 1 else parts[0]
-            if layer < n_layers and state is not None:
+    done = since = 0
+    for layer in range(groups[0][0], n_layers + 1):
+        joining = [s for l, s in groups if l == layer]
+        if joining:
+            device = joining[0].device if state is None else state.device
+            parts = ([] if state is None else [state]) + [s.to(device) for s in joining]
+            state = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if layer < n_layers and state is not None:
+            work = state.shape[0] * seq
+            if since and since + work > max_work:
+                yield done / total
+                since = 0
+            with bridge.hooks(fwd_hooks=[(e.hook, e) for e in by_layer.get(layer, ())]):
                 state = _block(bridge, layer, state, blocks[layer])
+            done += work
+            since += work
     assert state is not None
     return readout(bridge, state[:, -1:, :])[:, 0]
 
 
-def row_budget(cfg: Any, seq: int, device: str) -> tuple[int, float]:
-    """(most rows a chunk may hold, most block-position work a chunk may do) for this model.
+@dataclass(frozen=True)
+class Budget:
+    """What one chunk of model work may use: `rows` replayed at once (their activations inside a
+    block must fit the working-memory budget) and `work` rows x positions x blocks between two
+    yields (about CHUNK_SECONDS of the worker's time at the measured throughput)."""
 
-    Memory: a row's activations inside one block (attention scores and the MLP's hidden layer
-    dominate), bounded to CHUNK_BYTES. Time: a chunk is the unit between which interactive
-    requests are served, so it is bounded to about CHUNK_SECONDS of block work on a CPU.
-    """
+    rows: int
+    work: float
+
+
+CHUNK_SECONDS = 0.5  # interactive requests wait for at most about this much of a long request's work
+
+
+def row_bytes(cfg: Any, seq: int) -> int:
+    """Working memory of one replayed row inside a block (attention scores and the MLP's hidden
+    layer dominate), in float32."""
     d_model, n_heads = int(cfg.d_model), int(cfg.n_heads)
     d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d_model)
-    row_bytes = 4 * seq * (8 * d_model + 2 * d_mlp + 3 * n_heads * seq)
-    rows = max(1, CHUNK_BYTES // row_bytes)
-    flops_per_position_layer = 2 * (4 * d_model * d_model + 2 * d_model * d_mlp) + 4 * seq * d_model
-    rate = GPU_FLOPS if device.startswith("cuda") else CPU_FLOPS
-    return rows, CHUNK_SECONDS * rate / flops_per_position_layer
+    return 4 * seq * (8 * d_model + 2 * d_mlp + 3 * n_heads * seq)
 
 
-CHUNK_BYTES = 512 << 20
-CHUNK_SECONDS = 0.5
-CPU_FLOPS = 60e9  # sustained float32 block throughput of a small CPU; only sizes chunks
-GPU_FLOPS = 20e12
+def position_flops(cfg: Any, seq: int) -> float:
+    """Floating-point operations of one position through one block, in a text of `seq` tokens."""
+    d_model = int(cfg.d_model)
+    d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d_model)
+    return 2 * (4 * d_model * d_model + 2 * d_model * d_mlp) + 4 * seq * d_model
+
+
+def budget(cfg: Any, seq: int, max_bytes: int, flops_per_second: float) -> Budget:
+    """The chunk budget of a text of `seq` tokens: rows from `max_bytes` of working memory, work
+    from CHUNK_SECONDS at `flops_per_second`."""
+    return Budget(max(1, max_bytes // row_bytes(cfg, seq)),
+                  CHUNK_SECONDS * flops_per_second / position_flops(cfg, seq))
 
 
 def plan_chunks(starts: Sequence[int], rows_per_cell: int, seq: int, n_layers: int,
-                budget: tuple[int, float]) -> list[tuple[int, int]]:
-    """Split cells (sorted by start layer) into [begin, end) ranges that fit `row_budget`."""
-    max_rows, max_work = budget
+                budget: Budget) -> list[tuple[int, int]]:
+    """Split cells (sorted by start layer) into [begin, end) ranges of at most `budget.rows` rows
+    and about `budget.work` block work (a cell is never split: one may exceed the work, and
+    `run_rows` then yields inside it)."""
     chunks: list[tuple[int, int]] = []
     begin, rows, work = 0, 0, 0.0
     for i, start in enumerate(starts):
         cell_work = rows_per_cell * seq * max(n_layers - start, 1)
-        if i > begin and (rows + rows_per_cell > max_rows or work + cell_work > max_work):
+        if i > begin and (rows + rows_per_cell > budget.rows or work + cell_work > budget.work):
             chunks.append((begin, i))
             begin, rows, work = i, 0, 0.0
         rows += rows_per_cell
@@ -219,10 +256,18 @@ def plan_chunks(starts: Sequence[int], rows_per_cell: int, seq: int, n_layers: i
     return chunks
 
 
-def run_states(bridge: Any, blocks: Sequence[BlockInputs], states: torch.Tensor) -> torch.Tensor:
-    """Every block's input and the last block's output for rows entering block 0:
-    states [rows, seq, d_model] -> [n_layers + 1, rows, seq, d_model]."""
-    out = [states]
+def run_states(bridge: Any, blocks: Sequence[BlockInputs], states: torch.Tensor, out: torch.Tensor,
+               max_work: float = math.inf) -> Generator[float, None, None]:
+    """Every block's input and the last block's output for rows entering block 0, written to
+    out [n_layers + 1, rows, seq, d_model]; yields its progress when the work since the last
+    yield would pass `max_work` (as `run_rows`)."""
+    n_layers = len(blocks)
+    work = states.shape[0] * states.shape[1]
+    out[0] = states
+    since = 0
     for layer, inputs in enumerate(blocks):
-        out.append(_block(bridge, layer, out[-1], inputs).to(states.device))  # one device, to stack
-    return torch.stack(out)
+        if since and since + work > max_work:
+            yield layer / n_layers
+            since = 0
+        out[layer + 1] = _block(bridge, layer, out[layer], inputs).to(out.device)  # one device, to stack
+        since += work

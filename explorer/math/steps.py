@@ -10,12 +10,13 @@ __all__ = ["Steps", "over_chunks", "scaled"]
 T = TypeVar("T")
 
 
-def over_chunks(chunks: Sequence[T], run: Callable[[T], None]) -> Generator[float, None, None]:
-    """Run each chunk, yielding the progress (chunks done / chunks) before each one: the work
-    before the first chunk and every chunk become separate pieces of worker time."""
+def over_chunks(chunks: Sequence[T], run: Callable[[T], Steps]) -> Generator[float, None, None]:
+    """Run each chunk's steps, yielding the progress before each chunk (chunks done / chunks) and
+    inside it: the work before the first chunk and every chunk become separate pieces of worker
+    time, and a chunk that yields (a long row, `replay.run_rows`) leaves the worker meanwhile."""
     for done, chunk in enumerate(chunks):
         yield done / len(chunks)
-        run(chunk)
+        yield from scaled(run(chunk), done / len(chunks), 1 / len(chunks))
 
 
 def scaled(steps: Iterator[Any], start: float, span: float) -> Generator[float, None, Any]:

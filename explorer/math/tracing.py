@@ -59,12 +59,18 @@ def noise_draws(samples: int, n_subject: int, d_model: int, scale: float, seed: 
 
 
 def noisy_states(bridge: Any, clean: replay.Acts, positions: list[int], scale: float, samples: int,
-                 seed: int) -> torch.Tensor:
-    """Every block's input in each noisy run [n_layers + 1, samples, seq, d_model]."""
-    states = clean.resid[0].expand(samples, -1, -1).clone()
-    draws = noise_draws(samples, len(positions), states.shape[-1], scale, seed)
-    states[:, positions] += draws.to(states.device, states.dtype)
-    return replay.run_states(bridge, clean.blocks, states)
+                 seed: int, budget: replay.Budget) -> Generator[float, None, torch.Tensor]:
+    """Every block's input in each noisy run [n_layers + 1, samples, seq, d_model], at most
+    `budget.rows` runs at a time, yielding between pieces of `budget.work`."""
+    resid = clean.resid
+    out = torch.empty(resid.shape[0], samples, *resid.shape[1:], dtype=resid.dtype, device=resid.device)
+    draws = noise_draws(samples, len(positions), resid.shape[-1], scale, seed)
+    for begin in range(0, samples, budget.rows):
+        end = min(samples, begin + budget.rows)
+        states = resid[0].expand(end - begin, -1, -1).clone()
+        states[:, positions] += draws[begin:end].to(states.device, states.dtype)
+        yield from replay.run_states(bridge, clean.blocks, states, out[:, begin:end], budget.work)
+    return out
 
 
 def probability(logits: torch.Tensor, answer: int) -> torch.Tensor:
@@ -78,7 +84,7 @@ def corrupt_probability(bridge: Any, noisy: torch.Tensor, answer: int) -> np.flo
 
 
 def trace_scores(bridge: Any, clean: replay.Acts, noisy: torch.Tensor, answer: int, kind: str, first: int,
-                 window: int, corrupt_prob: np.float32) -> Generator[float, None, np.ndarray]:
+                 window: int, corrupt_prob: np.float32, budget: replay.Budget) -> Generator[float, None, np.ndarray]:
     """P(answer) after restoring each cell [n_layers, seq], averaged over the noisy runs; cells
     before position `first` (the first subject token) keep `corrupt_prob`. Runs in chunks."""
     n_layers, seq = clean.n_layers, len(clean.token_ids)
@@ -88,14 +94,13 @@ def trace_scores(bridge: Any, clean: replay.Acts, noisy: torch.Tensor, answer: i
     start: Callable[[tuple[int, int]], int] = (
         (lambda c: c[0] + 1) if kind == "resid" else (lambda c: window_layers(c[0], window, n_layers)[0]))
     cells.sort(key=start)
-    cfg = bridge.cfg
-    chunks = replay.plan_chunks([start(c) for c in cells], samples, seq, n_layers,
-                                replay.row_budget(cfg, seq, str(cfg.device)))
+    chunks = replay.plan_chunks([start(c) for c in cells], samples, seq, n_layers, budget)
 
-    def run(chunk: tuple[int, int]) -> None:
+    def run(chunk: tuple[int, int]) -> Generator[float, None, None]:
         part = cells[chunk[0]:chunk[1]]
         starts, edits = _rows(kind, part, start, clean, noisy, samples, window, n_layers)
-        p = probability(replay.run_rows(bridge, clean.blocks, starts, edits), answer).reshape(len(part), samples)
+        logits = yield from replay.run_rows(bridge, clean.blocks, starts, edits, budget.work)
+        p = probability(logits, answer).reshape(len(part), samples)
         for (layer, position), value in zip(part, p.mean(1).cpu().numpy()):
             scores[layer, position] = value
 

@@ -11,10 +11,11 @@ from pydantic import BaseModel, Field, StrictStr
 
 from ..errors import InvalidRequest
 from ..math import heads, patching
+from ..math.replay import row_bytes
 from ..math.steps import Steps, scaled
 from ..session import Explorer
-from .base import (TargetRequest, TokenRef, check_count, describe_target, each_text, operation, parse_target,
-                   require_causal, shape)
+from .base import (Cost, TargetRequest, TokenRef, admit, check_count, describe_target, each_text, forward_work,
+                   operation, parse_target, replay_work, require_causal, shape)
 
 SITES = {"heads": "heads", "attn": "attn_out", "mlp": "mlp_out"}  # -> the patching site
 MAX_REFERENCE_TEXTS = 64
@@ -54,13 +55,18 @@ class AblateResponse(BaseModel):
 def ablate(ex: Explorer, req: AblateRequest) -> Steps:
     target = parse_target(ex, req.answer, req.distractor)
     require_causal(ex, "POST /ablate")
-    ex.tokens(req.text)
+    seq = len(ex.tokens(req.text)[0])
     if req.reference_texts is not None:
         if req.method != "mean":
             raise InvalidRequest("reference_texts applies only to method 'mean' (zero ablation uses no reference)")
         check_count("reference_texts", req.reference_texts, MAX_REFERENCE_TEXTS)
         each_text(ex, "reference_texts", req.reference_texts)
     references = None if req.method == "zero" else list(req.reference_texts or [req.text])
+    n_layers = int(ex.cfg.n_layers)
+    passes = forward_work(n_layers, seq) + sum(forward_work(n_layers, len(ex.tokens(t)[0])) for t in references or [])
+    cells = replay_work(n_layers, seq, int(ex.cfg.n_heads) if req.site == "heads" else 1)
+    admit(ex, Cost(passes + cells, seq, row_bytes(ex.cfg, seq)), req.run_async,
+          "use a shorter text, or fewer or shorter reference_texts")
 
     def means() -> Steps:
         """Each site's mean over every position (BOS included) of every reference text, and the
@@ -85,8 +91,9 @@ def ablate(ex: Explorer, req: AblateRequest) -> Steps:
             cells = [patching.Cell(l, None, h) for l in range(n_layers) for h in range(n_heads)]
         else:
             cells = [patching.Cell(l) for l in range(n_layers)]
-        metric = yield from scaled(patching.run_cells(ex.bridge, SITES[req.site], cells, acts,
-                                                      heads.everywhere(acts, values), target), share, 1 - share)
+        sweep = patching.run_cells(ex.bridge, SITES[req.site], cells, acts, heads.everywhere(acts, values), target,
+                                   ex.budget(seq))
+        metric = yield from scaled(sweep, share, 1 - share)
         return shape(
             AblateResponse, site=req.site, method=req.method, metric=target.metric_name, baseline=baseline,
             effect=(metric - baseline).reshape((n_layers, n_heads) if req.site == "heads" else (n_layers,)),

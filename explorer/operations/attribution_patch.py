@@ -8,10 +8,13 @@ import torch
 from pydantic import Field, StrictBool
 
 from ..math import heads
+from ..math.replay import row_bytes
 from ..math.steps import Steps, scaled
 from ..session import Explorer
-from .base import operation, shape
-from .patch import Grid, GridResponse, PatchRequest, grid_fields, pair, prepare, sweep
+from .base import Cost, admit, forward_work, operation, shape
+from .patch import NARROW, Grid, GridResponse, PatchRequest, cost, grid_fields, pair, prepare, sweep
+
+BACKWARD = 3  # a forward and backward pass costs about three forward passes
 
 
 class AttributionPatchRequest(PatchRequest):
@@ -38,6 +41,12 @@ class AttributionPatchResponse(GridResponse):
            mode="steps")
 def attribution_patch(ex: Explorer, req: AttributionPatchRequest) -> Steps:
     target = prepare(ex, req, "POST /attribution_patch")
+    seq, n_layers = len(ex.tokens(req.clean)[0]), int(ex.cfg.n_layers)
+    exact = cost(ex, req) if req.compare else Cost(2 * forward_work(n_layers, seq), seq, 0)
+    # the backward pass keeps every block's activations of the base prompt
+    admit(ex, Cost(exact.work + BACKWARD * forward_work(n_layers, seq), seq,
+                   max(exact.memory, n_layers * row_bytes(ex.cfg, seq))), req.run_async,
+          NARROW + ", or compare: false")
 
     def steps() -> Steps:
         p = pair(ex, req, target)

@@ -67,13 +67,36 @@ def operation(path: str, request: type["Request"], response: type[BaseModel], su
 def shape(model: type[BaseModel], **fields: Any) -> dict[str, Any]:
     """A response as JSON-ready fields, in `model`'s field order: every required field of the
     model must be given and no other (optional ones may be left out). Values are not converted
-    (arrays stay arrays: the serializer writes them), so shaping costs no copy."""
+    (arrays stay arrays: the serializer writes them), so shaping costs no copy.
+
+    The last line against silent nulls: a number or array of numbers that is not finite (JSON
+    would carry it as null) fails the request with a 400 naming the field."""
     names = {(f.alias or n): f for n, f in model.model_fields.items()}
     unknown = fields.keys() - names.keys()
     missing = [n for n, f in names.items() if f.is_required() and n not in fields]
     if unknown or missing:
         raise TypeError(f"{model.__name__}: unknown fields {sorted(unknown)}, missing {missing}")
+    for name, value in fields.items():
+        bad = non_finite(value)
+        if bad:
+            raise InvalidRequest(f"the computation overflowed: {name} would hold {bad} non-finite value(s), "
+                                 "which JSON cannot carry; the request's parameters are beyond what the "
+                                 "model's number format holds")
     return {n: fields[n] for n in names if n in fields}
+
+
+def non_finite(value: Any) -> int:
+    """How many NaN or infinite numbers a float, an array or a (nested) list of floats holds."""
+    if isinstance(value, (float, np.floating)):
+        return int(not np.isfinite(value))
+    if isinstance(value, list):
+        try:
+            value = np.asarray(value)  # nulls, strings or dicts make an object array: not checked
+        except ValueError:  # ragged
+            return 0
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return int(value.size - np.count_nonzero(np.isfinite(value)))
+    return 0
 
 
 # --- request models ---------------------------------------------------------------------------
@@ -117,6 +140,52 @@ def in_branch(kind: str, **bounds: object) -> Callable[[dict], None]:
     def extra(schema: dict) -> None:
         next(s for s in schema["anyOf"] if s.get("type") == kind).update(bounds)
     return extra
+
+
+# --- admission by cost ------------------------------------------------------------------------
+
+SYNC_SECONDS = 30.0  # a synchronous request estimated to take longer is refused: send "async": true
+ASYNC_SECONDS = 3600.0  # a job estimated to take longer is refused
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a long request is estimated to take before it starts: `work` (rows x positions x
+    blocks on texts of `seq` tokens; `Explorer.seconds` turns it into time at the measured
+    throughput) and `memory`, the largest working memory it needs at once beside the cache."""
+
+    work: float
+    seq: int
+    memory: int
+
+
+def admit(ex: Explorer, cost: Cost, run_async: bool, narrow: str) -> None:
+    """400 when a request's estimated memory exceeds the work budget, or its estimated time the
+    bound of its kind (SYNC_SECONDS, or ASYNC_SECONDS for a job); `narrow` says how to shrink it."""
+    mib = 1 << 20
+    if cost.memory > ex.work_bytes:
+        raise InvalidRequest(
+            f"this request needs about {cost.memory / mib:.0f} MiB of working memory at once, over the "
+            f"server's work budget of {ex.work_bytes / mib:.0f} MiB (--work-mb); {narrow}")
+    seconds = ex.seconds(cost.work, cost.seq)
+    rate = f"{ex.throughput.rate / 1e9:.3g} GFLOP/s measured on this model"
+    if run_async and seconds > ASYNC_SECONDS:
+        raise InvalidRequest(f"this job would take about {seconds:.0f} s of model time ({rate}), over the "
+                             f"{ASYNC_SECONDS:.0f} s a job may take; {narrow}")
+    if not run_async and seconds > SYNC_SECONDS:
+        raise InvalidRequest(f"this request would take about {seconds:.0f} s of model time ({rate}), over the "
+                             f"{SYNC_SECONDS:.0f} s a synchronous request may take; send \"async\": true to run "
+                             f"it as a job (progress, cancel), or {narrow}")
+
+
+def forward_work(n_layers: int, seq: int) -> float:
+    """The work of one forward pass: every position through every block."""
+    return float(n_layers * seq)
+
+
+def replay_work(n_layers: int, seq: int, rows_per_layer: int) -> float:
+    """The work of replaying `rows_per_layer` rows from each layer l to the last (a sweep's cells)."""
+    return float(rows_per_layer * seq * n_layers * (n_layers + 1) // 2)
 
 
 # --- bounds -----------------------------------------------------------------------------------

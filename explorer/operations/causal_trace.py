@@ -2,24 +2,28 @@
 (`math.tracing`)."""
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
+import torch
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from ..errors import InvalidRequest
 from ..math import tracing
+from ..math.replay import row_bytes
 from ..math.patching import final_logits
 from ..math.steps import Steps
 from ..math.target import recovery
 from ..session import Explorer, cache_key
-from .base import (AsyncRequest, TokenRef, TokenSpec, check_index, check_seed, operation, require_causal, shape,
-                   token_id, token_ref)
+from .base import (AsyncRequest, Cost, TokenRef, TokenSpec, admit, check_index, check_seed, forward_work, operation,
+                   replay_work, require_causal, shape, token_id, token_ref)
 
 DEFAULT_SAMPLES = 10
 MAX_SAMPLES = 50
 DEFAULT_WINDOW = 10  # ROME's
 NOISE_SCALE = 3.0  # default noise = NOISE_SCALE x the standard deviation of the token embeddings
+NOISE_TAILS = 8.0  # a draw's largest entries, in standard deviations, with a margin
 
 
 class CausalTraceRequest(AsyncRequest):
@@ -60,6 +64,13 @@ class CausalTraceResponse(BaseModel):
     warning: Optional[str] = None
 
 
+def max_noise(ex: Explorer) -> float:
+    """The largest noise the model's dtype carries: a norm squares and sums the d_model entries of
+    a noised embedding, whose largest entries reach about NOISE_TAILS standard deviations, so
+    d_model * (NOISE_TAILS * noise)^2 must stay below the dtype's largest value."""
+    return math.sqrt(torch.finfo(ex.cfg.dtype).max / int(ex.cfg.d_model)) / NOISE_TAILS
+
+
 def subject_positions(ex: Explorer, text: str, subject: str | Sequence[int]) -> list[int]:
     """Token positions of the subject: a substring of `text` (every token overlapping it), or a
     list of positions. 400 if absent, ambiguous, empty or out of range."""
@@ -95,12 +106,28 @@ def causal_trace(ex: Explorer, req: CausalTraceRequest) -> Steps:
     window = min(DEFAULT_WINDOW, n_layers) if req.window is None else req.window
     if not 1 <= window <= n_layers:
         raise InvalidRequest(f"window must be between 1 and {n_layers} (n_layers), got {window}")
-    if req.noise is not None and not (np.isfinite(req.noise) and req.noise > 0):
-        raise InvalidRequest(f"noise must be a positive number, got {req.noise}")
+    if req.noise is not None and not (np.isfinite(req.noise) and 0 < req.noise <= max_noise(ex)):
+        raise InvalidRequest(f"noise must be a positive number at most {max_noise(ex):.3g} (beyond it the norms, "
+                             f"which square the noised embeddings, overflow {ex.model.dtype}), got {req.noise}")
     check_seed(req.seed)
     positions = subject_positions(ex, req.text, req.subject)
     answer = None if req.answer is None else token_id(ex, "answer", req.answer)
+    admit(ex, cost(ex, req, positions[0]), req.run_async, "use fewer samples or a shorter text")
     return _steps(ex, req, positions, answer, window)
+
+
+def cost(ex: Explorer, req: CausalTraceRequest, first: int) -> Cost:
+    """The clean and noisy runs, and `samples` rows per cell from the first subject position on;
+    the noisy runs (every block's input) are kept throughout beside one chunk's rows."""
+    seq, n_layers = len(ex.tokens(req.text)[0]), int(ex.cfg.n_layers)
+    passes = forward_work(n_layers, seq) * (1 + req.samples)
+    cells = replay_work(n_layers, seq, req.samples * (seq - first))
+    return Cost(passes + cells, seq, noisy_bytes(ex, seq, req.samples) + req.samples * row_bytes(ex.cfg, seq))
+
+
+def noisy_bytes(ex: Explorer, seq: int, samples: int) -> int:
+    """The noisy runs' residual streams: every block's input, each sample, float32."""
+    return 4 * (int(ex.cfg.n_layers) + 1) * samples * seq * int(ex.cfg.d_model)
 
 
 def _steps(ex: Explorer, req: CausalTraceRequest, positions: list[int], answer: int | None, window: int) -> Steps:
@@ -110,12 +137,18 @@ def _steps(ex: Explorer, req: CausalTraceRequest, positions: list[int], answer: 
     if answer is None:
         answer = int(clean_probs.argmax())
     scale = NOISE_SCALE * tracing.embedding_std(bridge) if req.noise is None else float(req.noise)
-    noisy = ex.cached(cache_key("noisy", tuple(clean.token_ids.tolist()), tuple(positions), scale, req.samples, req.seed),
-                      lambda: tracing.noisy_states(bridge, clean, positions, scale, req.samples, req.seed))
+    seq = len(clean.token_ids)
+    budget = ex.budget(seq, reserved=noisy_bytes(ex, seq, req.samples))
+    key = cache_key("noisy", tuple(clean.token_ids.tolist()), tuple(positions), scale, req.samples, req.seed)
+    noisy = ex.cache.get(key)
+    if noisy is None:
+        noisy = yield from tracing.noisy_states(bridge, clean, positions, scale, req.samples, req.seed, budget)
+        ex.cache.fill(key, noisy)
     # float32 like the scores, so a cell equal to a probability serializes identically
     clean_prob = np.float32(clean_probs[answer].cpu())
     corrupt_prob = tracing.corrupt_probability(bridge, noisy, answer)
-    scores = yield from tracing.trace_scores(bridge, clean, noisy, answer, req.kind, positions[0], window, corrupt_prob)
+    scores = yield from tracing.trace_scores(bridge, clean, noisy, answer, req.kind, positions[0], window, corrupt_prob,
+                                             budget)
     rec, warning = recovery(scores, clean_prob, corrupt_prob)
     fields: dict[str, Any] = dict(
         tokens=list(ex.tokens(req.text)[1]), subject_positions=positions, kind=req.kind,

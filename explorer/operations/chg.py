@@ -9,10 +9,11 @@ from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from ..errors import InvalidRequest
 from ..math import chg as gating
+from ..math.replay import row_bytes
 from ..math.steps import Steps
 from ..session import Explorer
-from .base import (Request, TokenRef, TokenSpec, check_count, check_seed, each_text, operation, require_causal,
-                   shape, token_id, token_ref)
+from .base import (Cost, Request, TokenRef, TokenSpec, admit, check_count, check_seed, each_text, forward_work,
+                   operation, require_causal, shape, token_id, token_ref)
 
 DEFAULT_STEPS = 100
 MAX_STEPS = 1000
@@ -72,9 +73,16 @@ def chg(ex: Explorer, req: ChgRequest) -> Steps:
     check_seed(req.seed)
     ids = [ids for ids, _ in each_text(ex, "texts", req.texts)]
     answers = [token_id(ex, f"targets[{i}]", t) for i, t in enumerate(req.targets)]
+    n_layers, longest = int(ex.cfg.n_layers), max(map(len, ids))
+    # per step and stage a forward and backward pass over every text (about three forward passes)
+    work = 3 * (1 + 3 * (req.steps + 1)) * sum(forward_work(n_layers, len(i)) for i in ids)
+    admit(ex, Cost(work, longest, n_layers * row_bytes(ex.cfg, longest)), True,
+          "use fewer steps, or fewer or shorter texts")
+    budget = ex.budget(longest)
 
     def steps() -> Steps:
-        result: dict[str, Any] = yield from gating.train(ex.bridge, ids, answers, req.steps, req.lr, req.lam, req.seed)
+        result: dict[str, Any] = yield from gating.train(ex.bridge, ids, answers, req.steps, req.lr, req.lam, req.seed,
+                                                         budget)
         return shape(ChgResult, **result, targets=[token_ref(ex, a) for a in answers])
 
     return steps()

@@ -85,6 +85,22 @@ def lens(ex: Explorer, req: LensRequest) -> dict[str, Any]:
     vocab = ex.vocab_strs
     target = None if req.target is None else token_id(ex, "target", req.target)
     run = ex.run(text)
+
+    def missing(p: int) -> bool:
+        return ex.cache.get(cache_key("lens", text, p)) is None or (
+            target is not None and ex.cache.get(cache_key("lens-target", text, p, target)) is None)
+
+    def fill() -> None:
+        """Every position not cached yet, in one piece of worker time: a request waits behind a
+        running sweep's chunk once, not once per position."""
+        for p in filter(missing, positions):
+            logits = fw.lens_logits(ex.bridge, run, p)
+            ex.cache.fill(cache_key("lens", text, p), fw.lens_summary(logits))
+            if target is not None:
+                ex.cache.fill(cache_key("lens-target", text, p, target), target_lens(logits, target))
+
+    if sum(map(missing, positions)) > 1:
+        ex.call(fill)
     lenses: list[Lens] = []
     targets: list[TargetLens] = []
     for p in positions:

@@ -9,14 +9,15 @@ import numpy as np
 from pydantic import BaseModel, Field, StrictStr
 
 from ..math import patching
-from ..math.replay import Acts
+from ..math.replay import Acts, row_bytes
 from ..math.steps import Steps
 from ..math.target import Target, recovery
 from ..session import Explorer
-from .base import (TargetRequest, TokenRef, check_same_length, describe_target, operation, parse_target,
-                   require_causal, shape)
+from .base import (Cost, TargetRequest, TokenRef, admit, check_same_length, describe_target, forward_work,
+                   operation, parse_target, replay_work, require_causal, shape)
 
 Grid = Union[list[list[float]], list[list[list[float]]]]
+NARROW = "use shorter prompts, or a coarser site (heads instead of heads_by_position)"
 
 
 class PatchRequest(TargetRequest):
@@ -107,6 +108,15 @@ def pair(ex: Explorer, req: PatchRequest, target: Target) -> Pair:
     return Pair(*patching.base_and_source(req.direction, clean, corrupt), clean_metric, corrupt_metric, base_metric)
 
 
+def cost(ex: Explorer, req: PatchRequest) -> Cost:
+    """Both prompts' forward passes and every cell replayed from its layer (cells whose patch
+    changes nothing are skipped at run time, so this is an upper bound)."""
+    seq = len(ex.tokens(req.clean)[0])
+    n_layers, n_heads = int(ex.cfg.n_layers), int(ex.cfg.n_heads)
+    per_layer = {"heads": n_heads, "heads_by_position": n_heads * seq}.get(req.site, seq)
+    return Cost(2 * forward_work(n_layers, seq) + replay_work(n_layers, seq, per_layer), seq, row_bytes(ex.cfg, seq))
+
+
 def sweep(ex: Explorer, req: PatchRequest, target: Target) -> Steps:
     """The patching grid, chunk by chunk; returns the /patch answer's fields."""
     p = pair(ex, req, target)
@@ -114,7 +124,7 @@ def sweep(ex: Explorer, req: PatchRequest, target: Target) -> Steps:
     effect = np.full(len(cells), p.base_metric, dtype=np.float32)
     todo = patching.changed(req.site, cells, p.base, p.source)
     effect[todo] = yield from patching.run_cells(ex.bridge, req.site, [cells[i] for i in todo], p.base, p.source,
-                                                 target)
+                                                 target, ex.budget(len(p.base.token_ids)))
     fields = grid_fields(ex, req, target, p.clean_metric, p.corrupt_metric, effect.reshape(grid))
     return shape(PatchResponse, **fields, cells_computed=len(todo))
 
@@ -122,4 +132,6 @@ def sweep(ex: Explorer, req: PatchRequest, target: Target) -> Steps:
 @operation("/patch", PatchRequest, PatchResponse,
            "Activation patching between a clean and a corrupt prompt, batched.", mode="steps")
 def patch(ex: Explorer, req: PatchRequest) -> Steps:
-    return sweep(ex, req, prepare(ex, req, "POST /patch"))
+    target = prepare(ex, req, "POST /patch")
+    admit(ex, cost(ex, req), req.run_async, NARROW)
+    return sweep(ex, req, target)

@@ -25,8 +25,36 @@ log = logging.getLogger("explorer")
 T = TypeVar("T")
 
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB: a few 1024-token GPT-2-small texts, hundreds of short ones
+DEFAULT_WORK_BYTES = 2 << 30  # one request's working memory beside the cache: sized for a laptop
 DEFAULT_QUEUE_SIZE = 16
 DEFAULT_WAIT_SECONDS = 120.0
+# Starting guesses of the model's float32 throughput, until its own passes are measured.
+CPU_FLOPS = 60e9
+GPU_FLOPS = 20e12
+
+
+class Throughput:
+    """A model's measured throughput in floating-point operations per second: the operations
+    of its last WINDOW forward passes over the seconds they took (long passes weigh more, and a
+    slow machine reads slow). Chunk sizes and the time estimates of long requests read it."""
+
+    WINDOW = 16
+
+    def __init__(self, initial: float) -> None:
+        self._initial = initial
+        self._passes: deque[tuple[float, float]] = deque(maxlen=self.WINDOW)
+        self._lock = threading.Lock()
+
+    def record(self, flops: float, seconds: float) -> None:
+        with self._lock:
+            self._passes.append((flops, max(seconds, 1e-6)))
+
+    @property
+    def rate(self) -> float:
+        with self._lock:
+            if not self._passes:
+                return self._initial
+            return sum(f for f, _ in self._passes) / sum(s for _, s in self._passes)
 
 
 def nbytes_of(value: Any) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 from ..errors import InvalidRequest, Overloaded
@@ -14,7 +15,9 @@ from ..math import replay
 from ..math import forward as fw
 from ..math.forward import Run
 from ..math.lens import batches
-from ..runtime.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, ByteLRU, CacheBudget, ModelWorker
+from ..math.replay import Budget, position_flops
+from ..runtime.engine import (CPU_FLOPS, DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_WORK_BYTES, GPU_FLOPS,
+                              ByteLRU, CacheBudget, ModelWorker, Throughput)
 from ..runtime.loading import LoadedModel
 
 T = TypeVar("T")
@@ -33,11 +36,15 @@ class Explorer:
     """One model's session; every method is safe to call from many request threads."""
 
     def __init__(self, model: LoadedModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 queue_size: int = DEFAULT_QUEUE_SIZE, budget: CacheBudget | None = None) -> None:
-        """`budget`: a byte bound shared with other models' explorers (default: its own of `cache_bytes`)."""
+                 queue_size: int = DEFAULT_QUEUE_SIZE, budget: CacheBudget | None = None,
+                 work_bytes: int = DEFAULT_WORK_BYTES) -> None:
+        """`budget`: a byte bound shared with other models' explorers (default: its own of
+        `cache_bytes`); `work_bytes`: the working memory one request's chunk may use."""
         self.model = model
         self.worker = ModelWorker(queue_size, model.lock)
         self.cache = ByteLRU(self.worker, cache_bytes, budget=budget)
+        self.work_bytes = work_bytes
+        self.throughput = Throughput(GPU_FLOPS if str(model.cfg.device).startswith("cuda") else CPU_FLOPS)
         # HF fast tokenizers mutate their backend's padding/truncation state on every call.
         self._tokenizer_lock = threading.Lock()
         self.tokens = functools.lru_cache(maxsize=TOKENIZE_CACHE_ENTRIES)(self._tokens)
@@ -111,12 +118,33 @@ class Explorer:
         except TimeoutError:
             raise Overloaded(f"the model did not answer within {self.cache.wait_seconds:.0f} s; retry later", 5) from None
 
+    # --- cost -------------------------------------------------------------------------------
+
+    def budget(self, seq: int, reserved: int = 0) -> Budget:
+        """What one chunk of long work on a text of `seq` tokens may use (`replay.budget`), with
+        `reserved` bytes of the working memory already taken by what the work keeps throughout."""
+        return replay.budget(self.cfg, seq, max(0, self.work_bytes - reserved), self.throughput.rate)
+
+    def seconds(self, work: float, seq: int) -> float:
+        """Estimated seconds of `work` rows x positions x blocks on texts of `seq` tokens."""
+        return work * position_flops(self.cfg, seq) / self.throughput.rate
+
+    def _measured(self, fn: Callable[[], T], seqs: Sequence[int]) -> T:
+        """Run a forward pass over texts of `seqs` tokens and record its throughput."""
+        started = time.perf_counter()
+        out = fn()
+        n_layers = int(self.cfg.n_layers)
+        self.throughput.record(sum(n_layers * s * position_flops(self.cfg, s) for s in seqs),
+                               time.perf_counter() - started)
+        return out
+
     # --- runs ---------------------------------------------------------------------------------
 
     def run(self, text: str) -> Run:
         """The cached forward pass of `text` (computed once, shared by every endpoint)."""
         ids, _ = self.tokens(text)
-        return self.cached(cache_key("run", text), lambda: fw.forward(self.bridge, ids))
+        return self.cached(cache_key("run", text), lambda: self._measured(lambda: fw.forward(self.bridge, ids),
+                                                                          [len(ids)]))
 
     def runs(self, texts: Sequence[str]) -> list[Run]:
         """The cached runs of `texts`; those not cached yet are computed first in right-padded
@@ -125,7 +153,9 @@ class Explorer:
             missing = [t for t in dict.fromkeys(texts) if self.cache.get(cache_key("run", t)) is None]
             ids = [self.tokens(t)[0] for t in missing]
             for group in batches([len(i) for i in ids], BATCH_TOKENS):
-                for i, run in zip(group, fw.forward_batch(self.bridge, [ids[i] for i in group])):
+                batch = [ids[i] for i in group]
+                runs = self._measured(lambda: fw.forward_batch(self.bridge, batch), [len(i) for i in batch])
+                for i, run in zip(group, runs):
                     self.cache.fill(cache_key("run", missing[i]), run)
 
         if sum(self.cache.get(cache_key("run", t)) is None for t in set(texts)) > 1:
@@ -135,7 +165,8 @@ class Explorer:
     def acts(self, text: str) -> replay.Acts:
         """The cached activations of `text` for causal work (`replay.capture`)."""
         ids, _ = self.tokens(text)
-        return self.cached(cache_key("acts", text), lambda: replay.capture(self.bridge, ids))
+        return self.cached(cache_key("acts", text),
+                           lambda: self._measured(lambda: replay.capture(self.bridge, ids), [len(ids)]))
 
 
 class Models:
