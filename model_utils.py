@@ -47,6 +47,8 @@ class Explorer(Session):
         if len(args) > len(names):
             raise TypeError(f"{name}() takes at most {len(names)} positional arguments ({', '.join(names)})")
         body = {**dict(zip(names, args)), **fields}
+        if op.mode == "steps":  # a Python caller may wait as long as it likes: a job's time bound applies
+            body["async"] = True
         return op, parse(op.request, {k: v for k, v in body.items() if v is not None or k in fields})
 
     def answer(self, name: str, *args: Any, **fields: Any) -> Any:

@@ -127,12 +127,18 @@ class AsyncRequest(Request):
         "true: answer 202 {job} at once and compute in the background (GET /jobs/{job})."))
 
 
-class TargetRequest(AsyncRequest):
+class TargetFields(Request):
+    """An answer token and an optional distractor (listed after the fields of the class it is mixed into)."""
+
     answer: TokenSpec = Field(description="The answer token: a string that is exactly one token "
                                           "(mind the leading space: ' Mary'), or a token id.")
     distractor: Optional[TokenSpec] = Field(default=None, description=(
         "A competing token (same form). With it the metric is logit[answer] - logit[distractor]; "
-        "without it, log P(answer)."))
+        "without it, log P(answer) (DLA: the answer's logit)."))
+
+
+class TargetRequest(TargetFields, AsyncRequest):
+    """A long request about a target."""
 
 
 def in_branch(kind: str, **bounds: object) -> Callable[[dict], None]:

@@ -11,16 +11,11 @@ from ..math import lens
 from ..math.lens import Attribution
 from ..session import Explorer, cache_key
 from . import precision
-from .base import (TextRequest, TokenRef, TokenSpec, check_index, describe_target, in_branch, operation,
+from .base import (TargetFields, TextRequest, TokenRef, check_index, describe_target, in_branch, operation,
                    parse_target, require_causal, shape)
 
 
-class DlaRequest(TextRequest):
-    answer: TokenSpec = Field(description="The answer token: a string that is exactly one token "
-                                          "(mind the leading space: ' Paris'), or a token id.")
-    distractor: Optional[TokenSpec] = Field(default=None, description=(
-        "A competing token (same form). With it the metric is logit[answer] - logit[distractor]; "
-        "without it, the answer's logit."))
+class DlaRequest(TargetFields, TextRequest):
     position: Optional[StrictInt] = Field(default=None, json_schema_extra=in_branch("integer", minimum=0), description=(
         "Position whose next-token logits are attributed, 0 .. seq-1; default: the last."))
 
