@@ -165,9 +165,10 @@ class Cost:
     memory: int
 
 
-def admit(ex: Explorer, cost: Cost, run_async: bool, narrow: str) -> None:
+def admit(ex: Explorer, cost: Cost, run_async: bool, narrow: str, can_async: bool = True) -> None:
     """400 when a request's estimated memory exceeds the work budget, or its estimated time the
-    bound of its kind (SYNC_SECONDS, or ASYNC_SECONDS for a job); `narrow` says how to shrink it."""
+    bound of its kind (SYNC_SECONDS, or ASYNC_SECONDS for a job); `narrow` says how to shrink it
+    (and, for an endpoint that `can_async`, the message offers `"async": true`)."""
     mib = 1 << 20
     if cost.memory > ex.work_bytes:
         raise InvalidRequest(
@@ -179,9 +180,9 @@ def admit(ex: Explorer, cost: Cost, run_async: bool, narrow: str) -> None:
         raise InvalidRequest(f"this job would take about {seconds:.0f} s of model time ({rate}), over the "
                              f"{ASYNC_SECONDS:.0f} s a job may take; {narrow}")
     if not run_async and seconds > SYNC_SECONDS:
+        offer = 'send "async": true to run it as a job (progress, cancel), or ' if can_async else ""
         raise InvalidRequest(f"this request would take about {seconds:.0f} s of model time ({rate}), over the "
-                             f"{SYNC_SECONDS:.0f} s a synchronous request may take; send \"async\": true to run "
-                             f"it as a job (progress, cancel), or {narrow}")
+                             f"{SYNC_SECONDS:.0f} s a synchronous request may take; {offer}{narrow}")
 
 
 def forward_work(n_layers: int, seq: int) -> float:

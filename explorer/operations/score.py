@@ -13,12 +13,13 @@ from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr
 from ..errors import InvalidRequest
 from ..math.forward import LENS_TOP_K
 from ..math.lens import Scores, batches, scores
+from ..math.replay import row_bytes
 from ..session import Explorer, cache_key
 from . import precision
-from .base import Request, check_count, check_top_k, each_text, in_branch, operation, require_causal, shape
+from .base import (Cost, Request, admit, check_count, check_top_k, each_text, forward_work, in_branch, operation,
+                   require_causal, shape)
 
 MAX_TEXTS = 16
-READOUT_ROWS = 512  # positions per projection ([rows, d_vocab] float32: 103 MB for GPT-2)
 TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-3, 1e3  # past these, softmax(logits / T) is one-hot or uniform anyway
 
 
@@ -54,21 +55,28 @@ class ScoreResponse(BaseModel):
     results: list[TextScore]
 
 
+def text_bytes(ex: Explorer, seq: int) -> int:
+    """Memory scoring one text of `seq` tokens takes while its group is read out: its run (then
+    kept by the cache), the forward pass's working rows, and the readout's logits and
+    log-probabilities at every position."""
+    cfg = ex.cfg
+    run = int(cfg.n_layers) * seq * (4 * int(cfg.d_model) + 2 * int(cfg.n_heads) * seq)
+    return run + row_bytes(cfg, seq) + 2 * 4 * seq * int(cfg.d_vocab)
+
+
 def _scores(ex: Explorer, texts: Sequence[str]) -> list[Scores]:
-    """The cached `Scores` of `texts`; those not cached yet are read out together (in groups of
-    at most READOUT_ROWS rows) on the worker."""
-    by_text = dict(zip(texts, ex.runs(texts)))
-
-    def fill() -> None:
-        missing = [t for t in by_text if ex.cache.get(cache_key("score", t)) is None]
-        for group in batches([len(by_text[t].token_ids) for t in missing], READOUT_ROWS):
-            chosen = [missing[i] for i in group]
-            for text, s in zip(chosen, scores(ex.bridge, [by_text[t] for t in chosen])):
-                ex.cache.fill(cache_key("score", text), s)
-
-    if sum(ex.cache.get(cache_key("score", t)) is None for t in by_text) > 1:
-        ex.call(fill)
-    return [ex.cached(cache_key("score", t), lambda t=t: scores(ex.bridge, [by_text[t]])[0]) for t in texts]
+    """The cached `Scores` of `texts`. Those not cached yet are run and read out in groups whose
+    memory (`text_bytes`) fits the work budget together; a group's runs are let go (to the
+    cache's bound) before the next group runs."""
+    missing = [t for t in dict.fromkeys(texts) if ex.cache.get(cache_key("score", t)) is None]
+    sizes = [text_bytes(ex, len(ex.tokens(t)[0])) for t in missing]
+    for group in batches(sizes, ex.work_bytes):
+        chosen = [missing[i] for i in group]
+        runs = ex.runs(chosen)
+        for text, s in zip(chosen, ex.call(lambda: scores(ex.bridge, runs))):
+            ex.cache.fill(cache_key("score", text), s)
+        del runs
+    return [ex.cached(cache_key("score", t), lambda t=t: scores(ex.bridge, [ex.run(t)])[0]) for t in texts]
 
 
 @operation("/score", ScoreRequest, ScoreResponse,
@@ -85,6 +93,9 @@ def score(ex: Explorer, req: ScoreRequest) -> dict[str, Any]:
                              f"(> 0), got {temperature}")
     top_k = check_top_k(req.top_k, LENS_TOP_K, int(ex.cfg.d_vocab))
     tokens = each_text(ex, "texts", texts, always_name=False)
+    longest = max(len(ids) for ids, _ in tokens)
+    work = sum(forward_work(int(ex.cfg.n_layers), len(ids)) for ids, _ in tokens)
+    admit(ex, Cost(work, longest, text_bytes(ex, longest)), False, "send fewer or shorter texts", can_async=False)
     vocab = ex.vocab_strs
     results = []
     for s, (ids, strs) in zip(_scores(ex, texts), tokens):
