@@ -89,6 +89,10 @@ export const cancelJob = (job) => call("DELETE", `/jobs/${job}`);
 // Causal head gating.
 export const startChg = (texts, targets, steps = 100) => call("POST", "/jobs/chg", { texts, targets, steps });
 
+// The metric of the run a clean/corrupt grid patches (denoise: the corrupt run; noise: the clean
+// one): every cell's effect is measured from it.
+export const baseMetric = (grid) => grid.direction === "denoise" ? grid.corrupt_metric : grid.clean_metric;
+
 // Activation patching; site: resid_pre | attn_out | mlp_out | heads | heads_by_position.
 export const startPatch = (clean, corrupt, answer, distractor, site, direction) =>
   call("POST", "/patch", { clean, corrupt, answer: token(answer), distractor: token(distractor), site, direction,

@@ -42,7 +42,7 @@ function inputs() {
 function grids(data, { mode, stage }) {
   if (mode === "ablation") return { values: data.effect };
   if (mode === "chg") return { values: data.gates[stage], roles: data.taxonomy, gates: true };
-  const base = data.direction === "denoise" ? data.corrupt_metric : data.clean_metric;
+  const base = api.baseMetric(data);
   const estimate = data.attribution;
   const exact = data.exact_effect.map((row) => row.map((v) => v - base));
   return { values: mode === "attribution" ? estimate : exact, estimate, exact };

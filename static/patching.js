@@ -120,7 +120,7 @@ export function patchingView(page) {
 function drawPatching(data, readout, position) {
   const byPos = data.site === "heads_by_position", heads = data.site.startsWith("heads");
   const shown = data.recovery ?? data.effect;
-  const base = data.direction === "denoise" ? data.corrupt_metric : data.clean_metric;
+  const base = api.baseMetric(data);
   const values = byPos ? shown.map((row) => row.map((cell) => cell[position])) : shown;
   const effect = byPos ? data.effect.map((row) => row.map((cell) => cell[position])) : data.effect;
   // Without a recovery (clean and corrupt metrics equal), colour the change of the metric.
