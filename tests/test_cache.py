@@ -11,7 +11,7 @@ import orjson
 
 from explorer.engine import ByteLRU, ModelWorker
 from explorer.service import PREFETCH_POSITIONS, Explorer
-from tests.conftest import TEXT
+from tests.helpers import TEXT
 
 
 def every_endpoint(ex: Explorer, text: str) -> list[bytes]:

@@ -11,7 +11,7 @@ import pytest
 from explorer import openapi, schemas
 from explorer.web.heads import AblateResponse, AttributionPatchResponse, ChgResult
 from scripts.make_examples import EXAMPLES, JOB_EXAMPLES
-from tests.test_patching import wait_job
+from tests.helpers import wait_job
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSES = {"/tokenize": schemas.TokenizeResponse, "/trace": schemas.TraceResponse,
