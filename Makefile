@@ -1,11 +1,12 @@
-# `make run` serves the API (add ARGS="--random-weights" offline); `make test` runs every test.
-# Both create the virtualenv on first use. `make bench` prints the performance table.
+# `make run` serves the API (add ARGS="--random-weights" offline); `make test` runs every test,
+# `make test-quick` all but the slow integration suites (marker `slow`, see pytest.ini).
+# Each creates the virtualenv on first use. `make bench` prints the performance table.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test bench examples clean
+.PHONY: run test test-quick bench examples clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-quick: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Latency, memory, startup and concurrency table (~10 min on 2 cores); see bench/RESULTS.md.
 bench: $(VENV)/.installed

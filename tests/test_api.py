@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TEXT
+from tests.helpers import TEXT
 
 LONG = "word " * 200  # > 64 tokens, the tiny model's n_ctx
 

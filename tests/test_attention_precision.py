@@ -14,7 +14,7 @@ from app import create_app
 from explorer.math import forward as analysis
 from explorer.operations import precision
 from model_utils import load_model, random_gpt2
-from tests.conftest import TEXT, hf_reference
+from tests.helpers import TEXT, hf_reference, ids_of, ok
 
 # A model with a 1024-token context; the larger initializer spreads attention weights over many
 # orders of magnitude (down to ~5e-8), the case that 4-decimal rounding zeroed.
@@ -45,14 +45,13 @@ def long_setup(tmp_path_factory: pytest.TempPathFactory):
 
 
 def reference(client, hf, text: str) -> tuple[list[int], torch.Tensor]:
-    ids = [t["token_id"] for t in client.post("/tokenize", json={"text": text}).get_json()["tokens"]]
+    ids = ids_of(client, text)
     return ids, hf_reference(hf, ids)["attentions"].double()  # [n_layers, n_heads, seq, seq]
 
 
 def layer_matrix(client, text: str, layer: int, **extra) -> np.ndarray:
-    r = client.post("/attention", json={"text": text, "layer": layer, **extra})
-    assert r.status_code == 200, r.get_json()
-    return np.array(r.get_json()["attention_matrix"], dtype=np.float64)
+    body = ok(client.post("/attention", json={"text": text, "layer": layer, **extra}))
+    return np.array(body["attention_matrix"], dtype=np.float64)
 
 
 def check_compact(got: np.ndarray, ref: np.ndarray) -> None:

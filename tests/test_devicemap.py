@@ -10,7 +10,7 @@ import torch
 from app import create_app
 from explorer.runtime.loading import execution_device, parse_max_memory, placement
 from model_utils import ModelLoadError, load_model
-from tests.conftest import EVERY_ENDPOINT, TEXT, answer, max_diff
+from tests.helpers import EVERY_ENDPOINT, TEXT, answer, max_diff
 
 # Block 0 in CPU memory, blocks 1-2 and the final norm on disk: activations cross from the CPU
 # part into disk-offloaded blocks, whose weights Accelerate loads for each call. GPT-2 ties its

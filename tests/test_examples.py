@@ -11,7 +11,7 @@ import pytest
 from explorer.operations import OPERATIONS
 from explorer.web import openapi
 from scripts.make_examples import EXAMPLES, JOB_EXAMPLES
-from tests.test_patching import wait_job
+from tests.helpers import wait_job
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSES = {path: op.response for path, op in OPERATIONS.items() if op.mode != "job"}

@@ -21,9 +21,11 @@ from app import create_app
 from explorer.runtime import loading
 from model_utils import load_model
 from tests.families import FAMILIES, build, hf_layers, hf_model, hf_readout
-from tests.test_patching import HFPatcher, ok, wait_job
+from tests.helpers import TEXT, HFPatcher, block_outputs, ids_of, ok, wait_job
 
-TEXT = "The cat sat on the mat"
+pytestmark = pytest.mark.slow  # six model families, every endpoint
+
+# A shorter indirect-object pair than tests/helpers.py's.
 CLEAN = "When Mary and John went out, John gave a drink to"
 CORRUPT = "When Mary and John went out, Mary gave a drink to"
 PAIR = {"clean": CLEAN, "corrupt": CORRUPT, "answer": " Mary", "distractor": " John"}
@@ -74,22 +76,11 @@ def fam(request, tmp_path_factory, diffs):
                            patcher=HFPatcher(hf))
 
 
-def ids_of(fam, text: str) -> list[int]:
-    return [t["token_id"] for t in ok(fam.client.post("/tokenize", json={"text": text}))["tokens"]]
-
-
 def hf_forward(fam, ids: list[int]) -> dict[str, torch.Tensor]:
     """HF on `ids`: attentions [n_layers, n_heads, seq, seq], every block's output
     [n_layers, seq, d_model] and the output logits [seq, d_vocab] (float64)."""
-    outputs: list[torch.Tensor] = []
-    handles = [b.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
-               for b in hf_layers(fam.hf)]
-    try:
-        with torch.inference_mode():
-            out = fam.hf(torch.tensor([ids]), output_attentions=True)
-    finally:
-        for h in handles:
-            h.remove()
+    with block_outputs(hf_layers(fam.hf)) as outputs, torch.inference_mode():
+        out = fam.hf(torch.tensor([ids]), output_attentions=True)
     return {"attentions": torch.stack(out.attentions)[:, 0], "hidden": torch.stack(outputs)[:, 0],
             "logits": out.logits[0].double()}
 
@@ -140,7 +131,7 @@ def test_tokenize_matches_hf_tokenizer_and_special_tokens(fam):
 # --- the four core endpoints ------------------------------------------------------------------
 
 def test_attention_per_query_head_matches_hf(fam):
-    ids = ids_of(fam, CLEAN)
+    ids = ids_of(fam.client, CLEAN)
     ref = hf_forward(fam, ids)["attentions"].numpy()
     n_layers, n_heads = ref.shape[:2]
     worst = worst_full = 0.0
@@ -169,7 +160,7 @@ def test_attention_per_query_head_matches_hf(fam):
 
 
 def test_predict_logit_lens_matches_hf(fam):
-    ids = ids_of(fam, TEXT)
+    ids = ids_of(fam.client, TEXT)
     ref = hf_forward(fam, ids)
     with torch.inference_mode():
         lens = hf_readout(fam.hf, ref["hidden"]).double().softmax(-1)  # [n_layers, seq, d_vocab]
@@ -195,7 +186,7 @@ def test_predict_logit_lens_matches_hf(fam):
 
 
 def test_trace_matches_pca_of_hf_hidden_states(fam):
-    ids = ids_of(fam, TEXT)
+    ids = ids_of(fam.client, TEXT)
     data = ok(fam.client.post("/trace", json={"text": TEXT}))
     own = list(range(1 if fam.spec.prepends_bos else 0, len(ids) - (0 if fam.spec.causal else 1)))
     assert data["token_indices"] == own  # default: the text's own tokens, no BOS/[CLS]/[SEP]
@@ -213,7 +204,7 @@ def test_trace_matches_pca_of_hf_hidden_states(fam):
 # --- reading the prediction -------------------------------------------------------------------
 
 def test_lens_grid_matches_hf(fam):
-    ids = ids_of(fam, TEXT)
+    ids = ids_of(fam.client, TEXT)
     ref = hf_forward(fam, ids)
     with torch.inference_mode():
         lens = hf_readout(fam.hf, ref["hidden"]).double().softmax(-1)
@@ -235,7 +226,7 @@ def test_score_matches_hf_logprobs(fam):
     body = ok(fam.client.post("/score", json={"texts": texts, "top_k": 3}))
     worst = 0.0
     for text, r in zip(texts, body["results"]):
-        ids = ids_of(fam, text)
+        ids = ids_of(fam.client, text)
         assert r["token_ids"] == ids
         logp = hf_forward(fam, ids)["logits"].log_softmax(-1)
         want = [logp[i - 1, ids[i]].item() for i in range(1, len(ids))]
@@ -248,7 +239,7 @@ def test_score_matches_hf_logprobs(fam):
 
 @causal_families
 def test_dla_adds_up_to_hf_logit_difference(fam):
-    ids = ids_of(fam, CLEAN)
+    ids = ids_of(fam.client, CLEAN)
     logits = hf_forward(fam, ids)["logits"][-1]
     with torch.inference_mode():
         hidden = hf_forward(fam, ids)["hidden"][-1, -1]
@@ -269,7 +260,7 @@ def test_dla_adds_up_to_hf_logit_difference(fam):
 
 @causal_families
 def test_patch_matches_hf_hooks(fam):
-    clean, corrupt = ids_of(fam, CLEAN), ids_of(fam, CORRUPT)
+    clean, corrupt = ids_of(fam.client, CLEAN), ids_of(fam.client, CORRUPT)
     target = pair_ids(fam)
     source = fam.patcher.capture(clean, ("resid_pre", "z"))
     worst = 0.0
@@ -287,7 +278,7 @@ def test_patch_matches_hf_hooks(fam):
 def test_causal_trace_clean_and_restored_probabilities(fam):
     body = ok(fam.client.post("/causal_trace", json={"text": CLEAN, "subject": "Mary and John", "samples": 2,
                                                      "answer": " Mary"}))
-    ids = ids_of(fam, CLEAN)
+    ids = ids_of(fam.client, CLEAN)
     first = body["subject_positions"][0]
     assert body["tokens"][first].strip() == "Mary"
     answer = pair_ids(fam)["answer"]
@@ -302,7 +293,7 @@ def test_causal_trace_clean_and_restored_probabilities(fam):
 
 @causal_families
 def test_ablate_matches_hf_hooks(fam):
-    ids = ids_of(fam, CLEAN)
+    ids = ids_of(fam.client, CLEAN)
     target = pair_ids(fam)
     body = ok(fam.client.post("/ablate", json={"text": CLEAN, "answer": " Mary", "distractor": " John",
                                                "method": "zero"}))
@@ -324,7 +315,7 @@ def test_ablate_matches_hf_hooks(fam):
 
 @causal_families
 def test_attribution_patch_matches_hf_autograd(fam):
-    clean, corrupt = ids_of(fam, CLEAN), ids_of(fam, CORRUPT)
+    clean, corrupt = ids_of(fam.client, CLEAN), ids_of(fam.client, CORRUPT)
     target = pair_ids(fam)
     source = fam.patcher.capture(clean, ("resid_pre",))["resid_pre"]
     blocks = fam.patcher.blocks
@@ -365,7 +356,7 @@ def test_chg_ungated_loss_matches_hf_cross_entropy(fam):
     tok = fam.model.tokenizer
     losses = []
     for text, t in zip(texts, targets):
-        logp = hf_forward(fam, ids_of(fam, text))["logits"][-1].log_softmax(-1)
+        logp = hf_forward(fam, ids_of(fam.client, text))["logits"][-1].log_softmax(-1)
         losses.append(-float(logp[tok.encode(t, add_special_tokens=False)[0]]))
     want = float(np.mean(losses))
     result = state["result"]

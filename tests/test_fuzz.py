@@ -20,6 +20,8 @@ from explorer.web import openapi
 FUZZ_CASES_PER_OPERATION = 100
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
+pytestmark = pytest.mark.slow  # thousands of generated requests
+
 
 class CancellingJobs(JobManager):
     """Remembers the jobs fuzzing starts (a valid /jobs/chg body may ask for thousands of steps)

@@ -13,14 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TEXT, TINY
-from tests.test_patching import (CLEAN, CORRUPT, PAIR, HFPatcher, err, grid_shape, ids_of, ok,
-                                 wait_job)
-
-
-@pytest.fixture(scope="module")
-def hf_patcher(hf_model) -> HFPatcher:
-    return HFPatcher(hf_model)
+from tests.helpers import (CLEAN, CORRUPT, FACT, PAIR, TEXT, TINY, HFPatcher, err, grid_shape, ids_of, ok,
+                           wait_job)
 
 
 def metric_of(body: dict):
@@ -33,7 +27,7 @@ def metric_of(body: dict):
 
 # --- /ablate ----------------------------------------------------------------------------------
 
-REFERENCES = ["The cat sat on the mat", "A completely different sentence about the weather today"]
+REFERENCES = [TEXT, "A completely different sentence about the weather today"]
 
 
 def hf_ablation(hf: HFPatcher, ids: list[int], site: str, method: str, references: list[list[int]],
@@ -250,8 +244,7 @@ def test_gradients_leave_nothing_behind(app, client, tiny_model):
 # --- causal head gating -----------------------------------------------------------------------
 
 DECISIVE = (1, 2)  # (layer, head): the only head whose output reaches the residual stream
-CHG_PROMPTS = ["The cat sat on the", "When Mary and John went to the store, John gave a drink to",
-               "The Eiffel Tower is in the city of", "One two three four five"]
+CHG_PROMPTS = ["The cat sat on the", CLEAN, FACT, "One two three four five"]
 
 
 def ok_job(client, body: dict) -> str:

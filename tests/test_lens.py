@@ -1,5 +1,6 @@
 """/lens, /score and /dla against an independent computation: plain HF transformers on the same
-weights, hooks written here (HF's last hidden state is after ln_f, so block outputs are hooked)."""
+weights, hooks written here and in tests/helpers.py (HF's last hidden state is after ln_f, so block
+outputs are hooked)."""
 from __future__ import annotations
 
 import math
@@ -13,35 +14,18 @@ from explorer.math import forward as analysis
 from explorer.math import lens
 from explorer.operations import lens as lens_op
 from model_utils import Explorer
-from tests.conftest import TEXT
+from tests.helpers import TEXT, block_outputs, ids_of, ok
 
 TEXTS = [TEXT, "Hello, world! Ünïcödé → 数学 and emoji 🙂 too.", "One two three four five six seven eight."]
 N_LAYERS, N_HEADS = 3, 4  # the tiny model
 
 
-def ids_of(client, text: str) -> list[int]:
-    return [t["token_id"] for t in client.post("/tokenize", json={"text": text}).get_json()["tokens"]]
-
-
-def post(client, path: str, body: dict) -> dict:
-    r = client.post(path, json=body)
-    assert r.status_code == 200, r.get_json()
-    return r.get_json()
-
-
 def hf_lens_logits(hf_model, ids: list[int]) -> torch.Tensor:
     """lm_head(ln_f(output of block l)) for every layer l and position: [n_layers, seq, d_vocab]."""
-    outputs: list[torch.Tensor] = []
-    handles = [b.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
-               for b in hf_model.transformer.h]
-    try:
-        with torch.inference_mode():
-            hf_model(torch.tensor([ids]))
-            hidden = torch.stack(outputs)[:, 0]
-            return hf_model.lm_head(hf_model.transformer.ln_f(hidden))
-    finally:
-        for h in handles:
-            h.remove()
+    with block_outputs(hf_model.transformer.h) as outputs, torch.inference_mode():
+        hf_model(torch.tensor([ids]))
+        hidden = torch.stack(outputs)[:, 0]
+        return hf_model.lm_head(hf_model.transformer.ln_f(hidden))
 
 
 def rank_bounds(logits: torch.Tensor, target: int, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +56,7 @@ def test_lens_grid_matches_hf_every_cell(client, hf_model, hf_tokenizer, text):
     probs = logp.exp()
     target = int(logits[-1, -1].argmax())  # the model's own answer at the last position: it crosses over
     k = 10
-    body = post(client, "/lens", {"text": text, "target": target, "top_k": k})
+    body = ok(client.post("/lens", json={"text": text, "target": target, "top_k": k}))
     seq = len(ids)
     assert body["positions"] == list(range(seq)) and len(body["tokens"]) == seq
     assert len(body["top"]) == len(body["entropy"]) == len(body["kl_to_final"]) == N_LAYERS
@@ -109,15 +93,15 @@ def test_lens_grid_matches_hf_every_cell(client, hf_model, hf_tokenizer, text):
 
 
 def test_lens_target_as_string_or_id_and_positions_subset(client):
-    by_id = post(client, "/lens", {"text": TEXT, "target": 2603, "positions": [6, 2], "top_k": 3})
-    by_str = post(client, "/lens", {"text": TEXT, "target": " mat", "positions": [6, 2], "top_k": 3})
+    by_id = ok(client.post("/lens", json={"text": TEXT, "target": 2603, "positions": [6, 2], "top_k": 3}))
+    by_str = ok(client.post("/lens", json={"text": TEXT, "target": " mat", "positions": [6, 2], "top_k": 3}))
     assert by_id == by_str and by_id["target"]["token"] == " mat"
-    full = post(client, "/lens", {"text": TEXT, "target": 2603, "top_k": 3})
+    full = ok(client.post("/lens", json={"text": TEXT, "target": 2603, "top_k": 3}))
     assert by_id["positions"] == [6, 2]
     for key in ("top", "entropy", "kl_to_final"):
         assert [[row[6], row[2]] for row in full[key]] == by_id[key]
     assert [[row[6], row[2]] for row in full["target"]["rank"]] == by_id["target"]["rank"]
-    plain = post(client, "/lens", {"text": TEXT})
+    plain = ok(client.post("/lens", json={"text": TEXT}))
     assert plain["target"] is None and all(len(c) == 1 for row in plain["top"] for c in row)  # top_k 1
 
 
@@ -181,7 +165,7 @@ def test_lens_position_bound(client, monkeypatch):
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_score_matches_hf(client, hf_model, temperature):
     k = 7
-    body = post(client, "/score", {"texts": TEXTS, "temperature": temperature, "top_k": k})
+    body = ok(client.post("/score", json={"texts": TEXTS, "temperature": temperature, "top_k": k}))
     assert body["temperature"] == temperature and len(body["results"]) == len(TEXTS)
     worst = {"token_logprobs": 0.0, "final_logprob": 0.0, "final_logit": 0.0}
     for text, res in zip(TEXTS, body["results"]):
@@ -317,7 +301,7 @@ def test_dla_matches_hand_computation_and_adds_up(client, hf_model, text, answer
     body = {"text": text, "answer": answer, "distractor": distractor}
     if position is not None:
         body["position"] = position
-    got = post(client, "/dla", body)
+    got = ok(client.post("/dla", json=body))
     pos = len(ids) - 1 if position is None else position
     assert got["position"] == pos and got["metric"] == ("logit" if distractor is None else "logit_diff")
     a = got["answer"]["token_id"]

@@ -8,7 +8,7 @@ import pytest
 
 import app as app_module
 from app import create_app, parse_args
-from tests.conftest import EVERY_ENDPOINT, TEXT, answer, max_diff
+from tests.helpers import EVERY_ENDPOINT, TEXT, answer, max_diff
 
 
 @pytest.fixture()

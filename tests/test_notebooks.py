@@ -12,6 +12,8 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 120  # the slowest cell, UMAP's first numba compilation, takes ~15 s
 
+pytestmark = pytest.mark.slow  # a Jupyter kernel per notebook
+
 
 def error_outputs(nb: nbformat.NotebookNode) -> list[str]:
     return [o.ename for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]

@@ -51,6 +51,7 @@ def read_until_exit(proc: subprocess.Popen, marker: str, limit: float) -> tuple[
     return lines, seen
 
 
+@pytest.mark.slow  # starts app.py in a subprocess
 def test_unreachable_hub_fails_fast_and_says_it_once(tmp_path):
     closed = socket.socket()  # bound, never listening: every connection is refused
     closed.bind(("127.0.0.1", 0))
@@ -101,6 +102,7 @@ def fake_hub_cache(hf_home: Path, repo: str, files: Path) -> None:
     (folder / "refs" / "main").write_text(commit)
 
 
+@pytest.mark.slow  # starts app.py in a subprocess
 def test_cached_hub_model_starts_without_the_network(tmp_path, tiny_dir):
     repo = "explorer-test/tiny-gpt2"
     fake_hub_cache(tmp_path / "hf", repo, tiny_dir)

@@ -1,6 +1,7 @@
 """/patch and /causal_trace against an independent implementation: plain HF transformers with
-forward hooks written here (one forward per cell, no TransformerLens, none of the project's code),
-and against `transformer_lens.patching`; the causal-tracing invariants; every 400; jobs."""
+forward hooks (tests/helpers.py's HFPatcher: one forward per cell, no TransformerLens, none of the
+project's code), and against `transformer_lens.patching`; the causal-tracing invariants; every
+400; jobs."""
 from __future__ import annotations
 
 import os
@@ -11,116 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.families import hf_layers, hf_o_proj
+from tests.helpers import (CLEAN, CORRUPT, FACT, PAIR, HFPatcher, block_outputs, err, grid_shape, ids_of, ok,
+                           wait_job)
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformer_lens.patching draws a bar per sweep otherwise
-
-CLEAN = "When Mary and John went to the store, John gave a drink to"
-CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
-PAIR = {"clean": CLEAN, "corrupt": CORRUPT, "answer": " Mary", "distractor": " John"}
-FACT = "The Eiffel Tower is in the city of"
-
-
-def ok(resp) -> dict:
-    assert resp.status_code == 200, resp.get_json()
-    return resp.get_json()
-
-
-def ids_of(client, text: str) -> list[int]:
-    return [t["token_id"] for t in ok(client.post("/tokenize", json={"text": text}))["tokens"]]
-
-
-class HFPatcher:
-    """Activation patching on a plain HF model, one forward per cell. Sites resid_pre and z (the
-    attention output projection's input) on every family (tests/families.py); attn_out and
-    mlp_out on GPT-2."""
-
-    def __init__(self, hf_model) -> None:
-        self.model = hf_model
-        self.blocks = hf_layers(hf_model)
-        self.n_heads = hf_model.config.num_attention_heads
-        self.d_head = hf_o_proj(self.blocks[0]).weight.numel() // hf_model.config.hidden_size // self.n_heads
-
-    def _modules(self, site: str, layer: int):
-        block = self.blocks[layer]
-        if site == "resid_pre":
-            return block
-        if site == "z":
-            return hf_o_proj(block)
-        return {"attn_out": block.attn, "mlp_out": block.mlp}[site]
-
-    def capture(self, ids: list[int], sites: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "z")
-                ) -> dict[str, list[torch.Tensor]]:
-        """Each site's activation of every layer: resid_pre/z are inputs, attn_out/mlp_out outputs."""
-        got: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-        handles = []
-        for layer in range(len(self.blocks)):
-            for site in {"resid_pre", "z"} & set(sites):
-                handles.append(self._modules(site, layer).register_forward_pre_hook(
-                    lambda m, args, site=site: got[site].append(args[0][0].clone())))
-            for site in {"attn_out", "mlp_out"} & set(sites):
-                handles.append(self._modules(site, layer).register_forward_hook(
-                    lambda m, args, out, site=site: got[site].append((out[0] if isinstance(out, tuple) else out)[0].clone())))
-        try:
-            with torch.inference_mode():
-                self.model(torch.tensor([ids]))
-        finally:
-            for h in handles:
-                h.remove()
-        return got
-
-    def metric_with(self, ids: list[int], site: str, layer: int, replace, metric) -> float:
-        """The metric of `ids` with `replace(tensor)` applied in place to one site's activation."""
-        module = self._modules(site, layer)
-        if site in ("resid_pre", "z"):
-            handle = module.register_forward_pre_hook(lambda m, args: (replace(args[0].clone()),) + args[1:])
-        else:
-            def hook(m, args, out):
-                first = replace((out[0] if isinstance(out, tuple) else out).clone())
-                return (first,) + out[1:] if isinstance(out, tuple) else first
-            handle = module.register_forward_hook(hook)
-        try:
-            with torch.inference_mode():
-                logits = self.model(torch.tensor([ids])).logits[0, -1]
-        finally:
-            handle.remove()
-        return float(metric(logits))
-
-    def grid(self, site: str, base_ids: list[int], source: dict, metric) -> np.ndarray:
-        n_layers, seq, n_heads, d_head = len(self.blocks), len(base_ids), self.n_heads, self.d_head
-
-        def set_pos(t, src, p):
-            t[0, p] = src[p]
-            return t
-
-        def set_head(t, src, h, p=None):
-            sl = slice(h * d_head, (h + 1) * d_head)
-            if p is None:
-                t[0, :, sl] = src[:, sl]
-            else:
-                t[0, p, sl] = src[p, sl]
-            return t
-
-        if site in ("resid_pre", "attn_out", "mlp_out"):
-            return np.array([[self.metric_with(base_ids, site, l, lambda t, l=l, p=p: set_pos(t, source[site][l], p), metric)
-                              for p in range(seq)] for l in range(n_layers)])
-        if site == "heads":
-            return np.array([[self.metric_with(base_ids, "z", l, lambda t, l=l, h=h: set_head(t, source["z"][l], h), metric)
-                              for h in range(n_heads)] for l in range(n_layers)])
-        return np.array([[[self.metric_with(base_ids, "z", l, lambda t, l=l, h=h, p=p: set_head(t, source["z"][l], h, p), metric)
-                           for p in range(seq)] for h in range(n_heads)] for l in range(n_layers)])
-
-
-@pytest.fixture(scope="module")
-def hf_patcher(hf_model) -> HFPatcher:
-    return HFPatcher(hf_model)
-
-
-def grid_shape(site: str, cfg, seq: int) -> tuple[int, ...]:
-    """The shape of a patching grid of `site` for a model config and a prompt length."""
-    return {"heads": (cfg.n_layers, cfg.n_heads), "heads_by_position": (cfg.n_layers, cfg.n_heads, seq)}.get(
-        site, (cfg.n_layers, seq))
-
 
 def logit_diff(answer: int, distractor: int):
     return lambda logits: logits[answer] - logits[distractor]
@@ -199,13 +94,6 @@ def test_second_site_reuses_the_cached_runs(client, monkeypatch):
     ok(client.post("/patch", json={**pair, "site": "resid_pre"}))
     ok(client.post("/patch", json={**pair, "site": "heads", "direction": "noise"}))
     assert len(captured) == 2  # one forward per prompt, shared by both sites and directions
-
-
-def err(resp, status: int = 400) -> str:
-    assert resp.status_code == status, resp.data
-    body = resp.get_json()
-    assert set(body) == {"error"}
-    return body["error"]
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -294,13 +182,8 @@ def test_causal_trace_matches_independent_hf_noise_and_restore(peaked, kind):
     draws = torch.randn(samples, len(positions), hf_model.config.n_embd, generator=g) * noise
     blocks = hf_model.transformer.h
     clean = HFPatcher(hf_model).capture(ids)
-    clean_out = []  # each block's output on the clean prompt
-    hs = [b.register_forward_hook(lambda m, a, o: clean_out.append(o[0] if isinstance(o, tuple) else o))
-          for b in blocks]
-    with torch.inference_mode():
+    with block_outputs(blocks) as clean_out, torch.inference_mode():  # each block's output on the clean prompt
         hf_model(torch.tensor([ids]))
-    for h in hs:
-        h.remove()
     answer = body["answer"]["token_id"]
     n_layers = len(blocks)
 
@@ -370,16 +253,6 @@ def test_causal_trace_bad_requests(client, change, needle):
 
 
 # --- jobs ------------------------------------------------------------------------------------
-
-def wait_job(client, job: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = ok(client.get(f"/jobs/{job}"))
-        if state["status"] in ("done", "error", "cancelled"):
-            return state
-        time.sleep(0.02)
-    raise AssertionError(f"job {job} did not end: {state}")
-
 
 @pytest.fixture()
 def one_row_chunks(monkeypatch):

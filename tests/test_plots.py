@@ -19,7 +19,7 @@ from model_utils import (
     plot_trajectories,
     project_2d,
 )
-from tests.conftest import TEXT
+from tests.helpers import FACT, PAIR, TEXT
 
 HAVE_UMAP = importlib.util.find_spec("umap") is not None
 
@@ -36,6 +36,7 @@ def http_json(payload: dict) -> dict:
     return json.loads(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and the model stack
 def test_importing_model_utils_does_not_load_matplotlib():
     code = "import sys, model_utils; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -100,6 +101,7 @@ def test_trajectories_from_arrays_pca(explorer, tiny_model):
     np.testing.assert_allclose(paths[2].get_ydata(), xy[2, :, 1])
 
 
+@pytest.mark.slow  # UMAP's numba compilation
 @pytest.mark.skipif(not HAVE_UMAP, reason="umap-learn is not installed")
 def test_trajectories_umap(explorer):
     resid = explorer.run(TEXT).resid.numpy()
@@ -157,10 +159,6 @@ def api_client(tiny_model):
     from app import create_app
 
     return create_app({"TESTING": True}, model=tiny_model).test_client()
-
-
-PAIR = {"clean": "When Mary and John went to the store, John gave a drink to",
-        "corrupt": "When Mary and John went to the store, Mary gave a drink to", "answer": " Mary", "distractor": " John"}
 
 
 def test_head_grid_of_an_ablation(api_client, tiny_model):
@@ -308,7 +306,7 @@ def test_patching_without_recovery_draws_the_metric_change(api_client):
 def test_causal_trace_three_panels(api_client, tiny_model):
     from model_utils import plot_causal_trace
 
-    body = {"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower", "samples": 2}
+    body = {"text": FACT, "subject": "Eiffel Tower", "samples": 2}
     traces = [api_client.post("/causal_trace", json={**body, "kind": kind}).get_json() for kind in ("resid", "mlp", "attn")]
     fig = plot_causal_trace(traces)
     panels = [ax for ax in fig.axes if ax.images]

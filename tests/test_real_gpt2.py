@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TEXT, real_gpt2_available
+from tests.helpers import TEXT, ids_of, real_gpt2_available
 
 pytestmark = [pytest.mark.gpt2,
               pytest.mark.skipif(not real_gpt2_available(), reason="real GPT-2 weights are not cached")]
@@ -21,8 +21,7 @@ def gpt2_client():
 
 
 def test_token_ids(gpt2_client):
-    tokens = gpt2_client.post("/tokenize", json={"text": TEXT}).get_json()["tokens"]
-    assert [t["token_id"] for t in tokens] == [50256, 464, 3797, 3332, 319, 262, 2603]
+    assert ids_of(gpt2_client, TEXT) == [50256, 464, 3797, 3332, 319, 262, 2603]
 
 
 def test_logit_lens_first_and_last_layer(gpt2_client):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app import create_app, is_loopback
-from tests.conftest import TEXT
+from tests.helpers import TEXT
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [TEXT, "Attention is all you need, they said.", "1 2 3 4 5 6 7 8 9 10", "Ünïcödé 数学 🙂"]
@@ -163,6 +163,7 @@ def run_app(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow  # starts app.py in a subprocess
 def test_unloadable_model_exits_with_one_clear_paragraph(tmp_path):
     result = run_app("--model", str(tmp_path / "missing-dir"), "--host", "0.0.0.0", "--port", "1")
     assert result.returncode == 1

@@ -3,29 +3,15 @@ replica moves only its own texts, and job polls find the replica that runs the j
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
 from scripts.route import ranked, route_key, serve
-from tests.conftest import EVERY_ENDPOINT, IOI, TEXT
-
-
-@contextmanager
-def running(server):
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+from tests.helpers import CLEAN, EVERY_ENDPOINT, TEXT, running
 
 
 def call(base: str, path: str, body: dict | None = None, method: str | None = None) -> tuple[int, dict, str]:
@@ -47,7 +33,7 @@ def test_rendezvous_is_stable_and_moves_only_a_lost_replicas_texts():
     assert all(60 < n < 140 for n in share.values()), share  # spread over every replica
     assert route_key(b'{"text": "a", "layer": 0}') == route_key(b'{"layer": 5, "text": "a"}')  # text, not body
     assert route_key(b'{"text": "a"}') != route_key(b'{"text": "a", "model": "b"}')
-    assert route_key(json.dumps({"clean": IOI, "corrupt": "x"}).encode()) == json.dumps([None, IOI])
+    assert route_key(json.dumps({"clean": CLEAN, "corrupt": "x"}).encode()) == json.dumps([None, CLEAN])
     survivors = replicas[:2]
     for k in keys:  # rendezvous: only the lost replica's texts move
         if owner[k] != replicas[2]:

@@ -9,20 +9,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from pathlib import Path
 
 import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
-from tests.conftest import TEXT
+from tests.helpers import CLEAN, CORRUPT, FACT, PAIR, TEXT, ok, running
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TIMEOUT_MS = 15_000
+
+pytestmark = pytest.mark.slow  # a real browser
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
@@ -32,12 +33,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 def serving(model):
     """The real app (same factory as `python app.py`) on a free loopback port, in a thread."""
     app = create_app(model=model)
-    httpd = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}", app.test_client()
-    httpd.shutdown()
-    thread.join(5)
+    with running(make_server("127.0.0.1", 0, app, threaded=True)) as httpd:
+        yield f"http://127.0.0.1:{httpd.server_port}", app.test_client()
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +87,7 @@ def viewer_page(browser, server):
 
 
 def api(server, path: str, body: dict) -> dict:
-    response = server[1].post(path, json=body)
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()
+    return ok(server[1].post(path, json=body))
 
 
 def analyze(page, text: str) -> None:
@@ -316,10 +311,6 @@ def test_stale_error_does_not_cover_a_newer_answer(page, server):
 
 # --- Heads view -----------------------------------------------------------------------------------
 
-IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
-IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
-
-
 def numbers(text: str) -> list[float]:
     """The numbers a tooltip shows (4 significant digits), in order."""
     return [float(n) for n in re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?", text)]
@@ -335,9 +326,9 @@ def show_heads(page, panel, mode: str) -> None:
 
 
 def test_heads_ablation(page, server):
-    analyze(page, IOI_CLEAN)
+    analyze(page, CLEAN)
     panel = open_view(page, "heads")
-    answer = api(server, "/ablate", {"text": IOI_CLEAN, "answer": " Mary", "distractor": " John"})
+    answer = api(server, "/ablate", {"text": CLEAN, "answer": " Mary", "distractor": " John"})
     n_layers, n_heads = len(answer["effect"]), len(answer["effect"][0])
     assert panel.locator("rect.head-cell").count() == n_layers * n_heads
     assert panel.locator("circle.scatter-point").count() == 0  # no scatter for ablation
@@ -345,21 +336,20 @@ def test_heads_ablation(page, server):
     assert tip.startswith("L1 H2: ablation effect")
     assert numbers(tip)[-1] == pytest.approx(answer["effect"][1][2], rel=1e-3)
     choose(page, panel, "#heads-method", "zero")
-    zero = api(server, "/ablate", {"text": IOI_CLEAN, "answer": " Mary", "distractor": " John", "method": "zero"})
+    zero = api(server, "/ablate", {"text": CLEAN, "answer": " Mary", "distractor": " John", "method": "zero"})
     assert numbers(hover_text(page, panel.locator("rect.head-cell").first))[-1] == pytest.approx(zero["effect"][0][0], rel=1e-3)
     screenshot(page, "heads-ablation")
 
 
 def test_heads_attribution_patching_and_scatter(page, server):
-    analyze(page, IOI_CLEAN)
+    analyze(page, CLEAN)
     panel = open_view(page, "heads")
     page.select_option("#heads-show", "attribution")  # asks for the corrupt prompt first
     page.wait_for_function("document.querySelector('#heads-status').textContent.includes('corrupt prompt')")
-    page.fill("#heads-corrupt", IOI_CORRUPT)
+    page.fill("#heads-corrupt", CORRUPT)
     page.press("#heads-corrupt", "Enter")
     panel.locator("circle.scatter-point").first.wait_for()
-    answer = api(server, "/attribution_patch", {"clean": IOI_CLEAN, "corrupt": IOI_CORRUPT, "answer": " Mary",
-                                                "distractor": " John", "site": "heads", "compare": True})
+    answer = api(server, "/attribution_patch", {**PAIR, "site": "heads", "compare": True})
     n_layers, n_heads = len(answer["attribution"]), len(answer["attribution"][0])
     assert panel.locator("rect.head-cell").count() == panel.locator("circle.scatter-point").count() == n_layers * n_heads
     assert panel.locator(".heads-correlation").text_content() == f"Pearson r = {answer['pearson']:.3f}"
@@ -385,7 +375,7 @@ def test_heads_without_corrupt_prompt_asks_for_one(page):
 
 
 def test_heads_chg_job_with_progress_and_taxonomy(page, server):
-    analyze(page, IOI_CLEAN)
+    analyze(page, CLEAN)
     panel = open_view(page, "heads")
     page.select_option("#heads-show", "chg")
     page.wait_for_function("document.querySelector('#heads-status').textContent.includes('Train CHG')")
@@ -423,8 +413,8 @@ def test_heads_ioi_example_fills_the_pair(page):
     page.click("#tab-heads")
     page.click("#heads-example")
     page.wait_for_function(f"document.querySelector('#token-count').textContent.length > 0 && "
-                           f"document.querySelector('#text').value === {json.dumps(IOI_CLEAN)}")
-    assert page.input_value("#heads-corrupt") == IOI_CORRUPT and page.input_value("#heads-answer") == " Mary"
+                           f"document.querySelector('#text').value === {json.dumps(CLEAN)}")
+    assert page.input_value("#heads-corrupt") == CORRUPT and page.input_value("#heads-answer") == " Mary"
 # --- logit lens grid, surprisal chips, attribution --------------------------------------------
 
 def download_exports(page, panel, stem: str) -> dict[str, bytes]:
@@ -568,8 +558,7 @@ def test_exports_of_grid_and_attribution(page, server, view, path, params, setup
 
 # --- Patching and causal tracing ------------------------------------------------------------------
 
-PATCH_BODY = {"clean": IOI_CLEAN, "corrupt": IOI_CORRUPT, "answer": " Mary", "distractor": " John"}
-FACT = {"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower"}
+FACT_BODY = {"text": FACT, "subject": "Eiffel Tower"}
 
 
 def run_view(page, name: str) -> None:
@@ -585,8 +574,8 @@ def run_view(page, name: str) -> None:
 
 def test_patching_resid_and_heads(page, server):
     page.click("#tab-patching")
-    tokens = api(server, "/tokenize", {"text": IOI_CLEAN})["tokens"]
-    differ = [i for i, (a, b) in enumerate(zip(tokens, api(server, "/tokenize", {"text": IOI_CORRUPT})["tokens"]))
+    tokens = api(server, "/tokenize", {"text": CLEAN})["tokens"]
+    differ = [i for i, (a, b) in enumerate(zip(tokens, api(server, "/tokenize", {"text": CORRUPT})["tokens"]))
               if a["token_id"] != b["token_id"]]
     page.wait_for_function("document.querySelector('#patch-lengths').textContent.length > 0")
     assert page.locator("#patch-lengths").inner_text().startswith(
@@ -599,9 +588,9 @@ def test_patching_resid_and_heads(page, server):
     page.on("request", lambda r: "/jobs/" in r.url and r.method == "GET" and polls.append(r.url))
     with page.expect_request("**/patch") as sent:
         run_view(page, "patching")  # resid_pre, denoise: the defaults
-    assert sent.value.post_data_json == {**PATCH_BODY, "site": "resid_pre", "direction": "denoise", "async": True}
+    assert sent.value.post_data_json == {**PAIR, "site": "resid_pre", "direction": "denoise", "async": True}
     assert polls  # the bar is fed by GET /jobs/{id}
-    data = api(server, "/patch", {**PATCH_BODY, "site": "resid_pre"})
+    data = api(server, "/patch", {**PAIR, "site": "resid_pre"})
     n_layers, seq = len(data["recovery"]), len(data["recovery"][0])
     assert panel.locator("rect.patch-cell").count() == n_layers * seq
     assert page.locator("#patch-progress").evaluate("p => p.value") == 1
@@ -619,7 +608,7 @@ def test_patching_resid_and_heads(page, server):
     page.select_option("#patch-site", "heads")
     page.select_option("#patch-direction", "noise")
     run_view(page, "patching")
-    heads = api(server, "/patch", {**PATCH_BODY, "site": "heads", "direction": "noise"})
+    heads = api(server, "/patch", {**PAIR, "site": "heads", "direction": "noise"})
     n_heads = len(heads["effect"][0])
     assert panel.locator("rect.patch-cell").count() == n_layers * n_heads
     tip = hover_text(page, panel.locator('rect.patch-cell[data-row="1"][data-col="2"]'))
@@ -628,7 +617,7 @@ def test_patching_resid_and_heads(page, server):
 
     page.select_option("#patch-site", "heads_by_position")
     run_view(page, "patching")
-    by_pos = api(server, "/patch", {**PATCH_BODY, "site": "heads_by_position", "direction": "noise"})
+    by_pos = api(server, "/patch", {**PAIR, "site": "heads_by_position", "direction": "noise"})
     assert page.locator("#patch-position").is_visible()
     assert page.locator("#patch-position option").count() == seq
     position = int(page.input_value("#patch-position"))
@@ -647,14 +636,14 @@ def test_patching_unequal_lengths_explained_and_refused(page, server):
     page.click("#tab-patching")
     corrupt = "When Mary went to the store, Mary gave a drink to"
     page.fill("#patch-corrupt", corrupt)
-    a = api(server, "/tokenize", {"text": IOI_CLEAN})["tokens"]
+    a = api(server, "/tokenize", {"text": CLEAN})["tokens"]
     b = api(server, "/tokenize", {"text": corrupt})["tokens"]
     first = next(i for i, (x, y) in enumerate(zip(a, b)) if x["token_id"] != y["token_id"])
     expected = f"clean has {len(a)} tokens, corrupt {len(b)}; first difference at position {first}"
     page.wait_for_function("t => document.querySelector('#patch-lengths').textContent.startsWith(t)", arg=expected)
     assert page.locator("#patch-pair tr").nth(2).locator("td").count() == len(a)  # the longer row sets the width
     # sent anyway: the server's 400 shows in the page
-    message = server[1].post("/patch", json={**PATCH_BODY, "corrupt": corrupt, "site": "resid_pre"}).get_json()["error"]
+    message = server[1].post("/patch", json={**PAIR, "corrupt": corrupt, "site": "resid_pre"}).get_json()["error"]
     page.click("#patch-run")
     error = page.locator("#error")
     error.wait_for(state="visible")
@@ -670,7 +659,7 @@ def test_causal_tracing_three_panels(page, server):
     page.fill("#trace-samples", "3")
     panel = page.locator("#panel-tracing")
     run_view(page, "tracing")
-    answers = {kind: api(server, "/causal_trace", {**FACT, "kind": kind, "samples": 3}) for kind in ("resid", "mlp", "attn")}
+    answers = {kind: api(server, "/causal_trace", {**FACT_BODY, "kind": kind, "samples": 3}) for kind in ("resid", "mlp", "attn")}
     resid = answers["resid"]
     n_layers, seq = len(resid["scores"]), len(resid["tokens"])
     for kind in answers:
@@ -697,22 +686,22 @@ def test_exports_of_causal_views(page, server, view):
     run_view(page, view)
     saved = download_exports(page, page.locator(f"#panel-{view}"), f"export-{view}")
     if view == "patching":
-        assert json.loads(saved["json"]) == api(server, "/patch", {**PATCH_BODY, "site": "resid_pre"})
+        assert json.loads(saved["json"]) == api(server, "/patch", {**PAIR, "site": "resid_pre"})
     else:
-        assert json.loads(saved["json"]) == [api(server, "/causal_trace", {**FACT, "kind": k, "samples": 2})
+        assert json.loads(saved["json"]) == [api(server, "/causal_trace", {**FACT_BODY, "kind": k, "samples": 2})
                                              for k in ("resid", "mlp", "attn")]
 
 
 def test_causal_tracing_error_is_shown(page, server):
     page.click("#tab-tracing")
     page.fill("#trace-subject", "Louvre")
-    message = server[1].post("/causal_trace", json={**FACT, "subject": "Louvre"}).get_json()["error"]
+    message = server[1].post("/causal_trace", json={**FACT_BODY, "subject": "Louvre"}).get_json()["error"]
     page.click("#trace-run")
     error = page.locator("#error")
     error.wait_for(state="visible")
     assert error.inner_text() == message
     assert page.locator("#panel-tracing svg.figure").count() == 0 and not page.locator("#trace-run").is_disabled()
-    page.fill("#trace-subject", FACT["subject"])
+    page.fill("#trace-subject", FACT_BODY["subject"])
     page.fill("#trace-samples", "1")
     run_view(page, "tracing")  # the next good run clears it
     assert error.is_hidden()
