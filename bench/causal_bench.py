@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app import create_app  # noqa: E402
+from explorer.operations.base import parse_target  # noqa: E402
 from explorer.runtime.engine import tune_allocator  # noqa: E402
 from explorer.runtime.loading import load_model  # noqa: E402
 
@@ -103,7 +104,7 @@ def sweep_memory(kind: str, pair: str, site: str) -> float:
     clean, corrupt, answer, distractor = PAIRS[pair]
     ex = client.application.extensions["explorer"]
     ids = [torch.tensor([list(ex.tokens(t)[0])]) for t in (clean, corrupt)]
-    target = ex.target(answer, distractor)
+    target = parse_target(ex, answer, distractor)
     with torch.inference_mode():
         _, clean_cache = model.bridge.run_with_cache(ids[0])
         model.bridge(ids[1])  # one forward of this length first: its memory is not the sweep's
@@ -146,7 +147,7 @@ def main() -> int:
     for pair_name, (clean, corrupt, answer, distractor) in PAIRS.items():
         ids = [list(ex.tokens(t)[0]) for t in (clean, corrupt)]
         assert len(ids[0]) == len(ids[1]) == 16, [len(i) for i in ids]
-        target = ex.target(answer, distractor)
+        target = parse_target(ex, answer, distractor)
         metric = lambda logits: logits[0, -1, target.answer] - logits[0, -1, target.distractor]  # noqa: E731
         with torch.inference_mode():
             _, clean_cache = bridge.run_with_cache(torch.tensor([ids[0]]))

@@ -29,6 +29,7 @@ import torch
 
 from bench.causal_bench import PAIRS, setup, timed
 from explorer.operations import chg
+from explorer.operations.base import parse_target
 
 CHG_PROMPTS = [
     ("When Mary and John went to the store, John gave a drink to", " Mary"),
@@ -118,7 +119,7 @@ def main() -> int:
                  f"max abs error {compared['max_abs_error']:.3g} |")
     print(lines[-1], flush=True)
 
-    target = ex.target(answer, distractor)
+    target = parse_target(ex, answer, distractor)
     ablate_body = {"text": clean, "answer": answer, "distractor": distractor}
 
     def loop() -> torch.Tensor:

@@ -259,7 +259,7 @@ def one_row_chunks(monkeypatch):
     """Chunks of one cell each, so a sweep of the tiny model spans many worker jobs."""
     from explorer.math import replay
 
-    monkeypatch.setattr(replay, "budget", lambda cfg, seq, max_bytes, rate: replay.Budget(1, float("inf")))
+    monkeypatch.setattr(replay, "budget", lambda *a: replay.Budget(1, float("inf")))
 
 
 def test_async_patch_returns_a_job_with_progress_and_the_same_result(client, one_row_chunks):

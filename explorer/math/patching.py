@@ -119,7 +119,7 @@ def run_cells(bridge: Any, site: str, cells: list[Cell], base: replay.Acts, sour
     def run(chunk: tuple[int, int]) -> Generator[float, None, None]:
         begin, end = chunk
         starts, edits = cell_rows(site, cells[begin:end], base, source)
-        logits = yield from replay.run_rows(bridge, base.blocks, starts, edits, budget.work)
+        logits = yield from replay.run_rows(bridge, base.blocks, starts, edits, budget)
         out[begin:end] = target.metric(logits).cpu().numpy()
 
     yield from over_chunks(chunks, run)

@@ -15,8 +15,9 @@ per chunk instead of one pass per cell, and only the last position is read out.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any, Generator, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import torch
 
@@ -151,6 +152,21 @@ class Edit:
         return out
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What one chunk of model work may use: `rows` replayed at once (their activations inside a
+    block must fit the working-memory budget) and `work` rows x positions x blocks between two
+    yields (about CHUNK_SECONDS of the worker's time at the measured throughput). `meter`, when
+    given, is told the operations and seconds of every replayed block (the session's throughput)."""
+
+    rows: int
+    work: float
+    meter: Callable[[float, float], None] | None = field(default=None, compare=False)
+
+
+CHUNK_SECONDS = 0.5  # interactive requests wait for at most about this much of a long request's work
+
+
 def _block(bridge: Any, layer: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
     hidden = to_device_of(hidden, bridge.blocks[layer])
     if inputs.hidden_in_kwargs:
@@ -161,7 +177,7 @@ def _block(bridge: Any, layer: int, hidden: torch.Tensor, inputs: BlockInputs) -
 
 
 def run_rows(bridge: Any, blocks: Sequence[BlockInputs], starts: Sequence[tuple[int, torch.Tensor]],
-             edits: Sequence[Edit], max_work: float = math.inf) -> Generator[float, None, torch.Tensor]:
+             edits: Sequence[Edit], budget: Budget = Budget(1, math.inf)) -> Generator[float, None, torch.Tensor]:
     """Run rows from their start layers to the end; return the last position's logits [rows, d_vocab].
 
     starts: (layer, states [n, seq, d_model]) groups in ascending layer order; the rows are
@@ -170,8 +186,8 @@ def run_rows(bridge: Any, blocks: Sequence[BlockInputs], starts: Sequence[tuple[
     touch rows that have joined by its layer.
 
     A generator: it yields its progress (a fraction) whenever the next block would take the
-    block work since the last yield past `max_work` (rows x positions x blocks), so one long row
-    still leaves the worker every `max_work`. Each block's edits are attached only while that
+    block work since the last yield past `budget.work` (rows x positions x blocks), so one long
+    row still leaves the worker every `budget.work`. Each block's edits are attached only while that
     block runs: no hook of ours is on the model between two yields, when other requests use it.
     """
     n_layers = len(blocks)
@@ -191,28 +207,15 @@ def run_rows(bridge: Any, blocks: Sequence[BlockInputs], starts: Sequence[tuple[
             state = torch.cat(parts) if len(parts) > 1 else parts[0]
         if layer < n_layers and state is not None:
             work = state.shape[0] * seq
-            if since and since + work > max_work:
+            if since and since + work > budget.work:
                 yield done / total
                 since = 0
             with bridge.hooks(fwd_hooks=[(e.hook, e) for e in by_layer.get(layer, ())]):
-                state = _block(bridge, layer, state, blocks[layer])
+                state = _metered(bridge, layer, state, blocks[layer], budget.meter)
             done += work
             since += work
     assert state is not None
     return readout(bridge, state[:, -1:, :])[:, 0]
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What one chunk of model work may use: `rows` replayed at once (their activations inside a
-    block must fit the working-memory budget) and `work` rows x positions x blocks between two
-    yields (about CHUNK_SECONDS of the worker's time at the measured throughput)."""
-
-    rows: int
-    work: float
-
-
-CHUNK_SECONDS = 0.5  # interactive requests wait for at most about this much of a long request's work
 
 
 def row_bytes(cfg: Any, seq: int) -> int:
@@ -230,11 +233,23 @@ def position_flops(cfg: Any, seq: int) -> float:
     return 2 * (4 * d_model * d_model + 2 * d_model * d_mlp) + 4 * seq * d_model
 
 
-def budget(cfg: Any, seq: int, max_bytes: int, flops_per_second: float) -> Budget:
+def budget(cfg: Any, seq: int, max_bytes: int, flops_per_second: float,
+           meter: Callable[[float, float], None] | None = None) -> Budget:
     """The chunk budget of a text of `seq` tokens: rows from `max_bytes` of working memory, work
     from CHUNK_SECONDS at `flops_per_second`."""
     return Budget(max(1, max_bytes // row_bytes(cfg, seq)),
-                  CHUNK_SECONDS * flops_per_second / position_flops(cfg, seq))
+                  CHUNK_SECONDS * flops_per_second / position_flops(cfg, seq), meter)
+
+
+def _metered(bridge: Any, layer: int, hidden: torch.Tensor, inputs: BlockInputs,
+             meter: Callable[[float, float], None] | None) -> torch.Tensor:
+    """One block, its operations and seconds reported to `meter`."""
+    started = time.perf_counter()
+    out = _block(bridge, layer, hidden, inputs)
+    if meter is not None:
+        meter(hidden.shape[0] * hidden.shape[1] * position_flops(bridge.cfg, hidden.shape[1]),
+              time.perf_counter() - started)
+    return out
 
 
 def plan_chunks(starts: Sequence[int], rows_per_cell: int, seq: int, n_layers: int,
@@ -257,17 +272,17 @@ def plan_chunks(starts: Sequence[int], rows_per_cell: int, seq: int, n_layers: i
 
 
 def run_states(bridge: Any, blocks: Sequence[BlockInputs], states: torch.Tensor, out: torch.Tensor,
-               max_work: float = math.inf) -> Generator[float, None, None]:
+               budget: Budget) -> Generator[float, None, None]:
     """Every block's input and the last block's output for rows entering block 0, written to
     out [n_layers + 1, rows, seq, d_model]; yields its progress when the work since the last
-    yield would pass `max_work` (as `run_rows`)."""
+    yield would pass `budget.work` (as `run_rows`)."""
     n_layers = len(blocks)
     work = states.shape[0] * states.shape[1]
     out[0] = states
     since = 0
     for layer, inputs in enumerate(blocks):
-        if since and since + work > max_work:
+        if since and since + work > budget.work:
             yield layer / n_layers
             since = 0
-        out[layer + 1] = _block(bridge, layer, out[layer], inputs).to(out.device)  # one device, to stack
+        out[layer + 1] = _metered(bridge, layer, out[layer], inputs, budget.meter).to(out.device)  # one device
         since += work

@@ -69,7 +69,7 @@ def noisy_states(bridge: Any, clean: replay.Acts, positions: list[int], scale: f
         end = min(samples, begin + budget.rows)
         states = resid[0].expand(end - begin, -1, -1).clone()
         states[:, positions] += draws[begin:end].to(states.device, states.dtype)
-        yield from replay.run_states(bridge, clean.blocks, states, out[:, begin:end], budget.work)
+        yield from replay.run_states(bridge, clean.blocks, states, out[:, begin:end], budget)
     return out
 
 
@@ -99,7 +99,7 @@ def trace_scores(bridge: Any, clean: replay.Acts, noisy: torch.Tensor, answer: i
     def run(chunk: tuple[int, int]) -> Generator[float, None, None]:
         part = cells[chunk[0]:chunk[1]]
         starts, edits = _rows(kind, part, start, clean, noisy, samples, window, n_layers)
-        logits = yield from replay.run_rows(bridge, clean.blocks, starts, edits, budget.work)
+        logits = yield from replay.run_rows(bridge, clean.blocks, starts, edits, budget)
         p = probability(logits, answer).reshape(len(part), samples)
         for (layer, position), value in zip(part, p.mean(1).cpu().numpy()):
             scores[layer, position] = value

@@ -123,7 +123,8 @@ class Explorer:
     def budget(self, seq: int, reserved: int = 0) -> Budget:
         """What one chunk of long work on a text of `seq` tokens may use (`replay.budget`), with
         `reserved` bytes of the working memory already taken by what the work keeps throughout."""
-        return replay.budget(self.cfg, seq, max(0, self.work_bytes - reserved), self.throughput.rate)
+        return replay.budget(self.cfg, seq, max(0, self.work_bytes - reserved), self.throughput.rate,
+                             self.throughput.record)
 
     def seconds(self, work: float, seq: int) -> float:
         """Estimated seconds of `work` rows x positions x blocks on texts of `seq` tokens."""
