@@ -150,7 +150,7 @@ def in_branch(kind: str, **bounds: object) -> Callable[[dict], None]:
 
 # --- admission by cost ------------------------------------------------------------------------
 
-SYNC_SECONDS = 30.0  # a synchronous request estimated to take longer is refused: send "async": true
+SYNC_SECONDS = 60.0  # a synchronous request estimated to take longer is refused: send "async": true
 ASYNC_SECONDS = 3600.0  # a job estimated to take longer is refused
 
 

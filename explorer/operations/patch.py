@@ -109,11 +109,14 @@ def pair(ex: Explorer, req: PatchRequest, target: Target) -> Pair:
 
 
 def cost(ex: Explorer, req: PatchRequest) -> Cost:
-    """Both prompts' forward passes and every cell replayed from its layer (cells whose patch
-    changes nothing are skipped at run time, so this is an upper bound)."""
-    seq = len(ex.tokens(req.clean)[0])
+    """Both prompts' forward passes and every cell replayed from its layer, but the cells at
+    positions before the prompts first differ (in a causal model their patch changes nothing,
+    and they are skipped); an upper bound."""
+    clean, corrupt = ex.tokens(req.clean)[0], ex.tokens(req.corrupt)[0]
+    seq = len(clean)
+    differing = seq - next((i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b), seq)
     n_layers, n_heads = int(ex.cfg.n_layers), int(ex.cfg.n_heads)
-    per_layer = {"heads": n_heads, "heads_by_position": n_heads * seq}.get(req.site, seq)
+    per_layer = {"heads": n_heads, "heads_by_position": n_heads * differing}.get(req.site, differing)
     return Cost(2 * forward_work(n_layers, seq) + replay_work(n_layers, seq, per_layer), seq, row_bytes(ex.cfg, seq))
 
 
