@@ -14,6 +14,7 @@ per chunk instead of one pass per cell, and only the last position is read out.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -210,7 +211,8 @@ def run_rows(bridge: Any, blocks: Sequence[BlockInputs], starts: Sequence[tuple[
             if since and since + work > budget.work:
                 yield done / total
                 since = 0
-            with bridge.hooks(fwd_hooks=[(e.hook, e) for e in by_layer.get(layer, ())]):
+            hooks = [(e.hook, e) for e in by_layer.get(layer, ())]
+            with bridge.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext():
                 state = _metered(bridge, layer, state, blocks[layer], budget.meter)
             done += work
             since += work
