@@ -165,3 +165,12 @@ def test_a_sync_request_stops_when_its_client_disconnects(tiny_model, monkeypatc
     finally:
         server.close()
         thread.join(5)
+
+
+def test_a_sync_score_during_a_long_job_answers(client):
+    """No wait limit, no 503: a synchronous request is served between the job's chunks."""
+    job = started(client, "/patch", {**LONG, "site": "heads_by_position"})
+    r = client.post("/score", json={"text": "Scored while the sweep runs."})
+    assert r.status_code == 200, r.data
+    assert ok(client.get(f"/jobs/{job}"))["status"] in ("running", "done")
+    client.delete(f"/jobs/{job}")
