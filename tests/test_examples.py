@@ -21,6 +21,8 @@ RESPONSES = {"/tokenize": schemas.TokenizeResponse, "/trace": schemas.TraceRespo
 RESPONSES.update({path: openapi.POSTS[path][1] for path in ("/lens", "/score", "/dla", "/patch", "/causal_trace")})
 JOB_RESULTS = {"/jobs/chg": ChgResult}
 
+pytestmark = pytest.mark.slow  # every documented example and curl command, jobs included, end to end
+
 
 @pytest.mark.parametrize("name,path,body", EXAMPLES, ids=[e[0] for e in EXAMPLES])
 def test_example_matches_contract_and_records_its_model(client, name, path, body):
