@@ -31,6 +31,7 @@ def split_model(request, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactor
                       offload_dir=str(tmp_path_factory.mktemp("offload")))
 
 
+@pytest.mark.slow  # Accelerate disk offload
 def test_split_really_offloads(split_model):
     hf = split_model.bridge.original_model
     split = hf.hf_device_map
@@ -45,6 +46,7 @@ def test_split_really_offloads(split_model):
     assert split_model.cfg.device == "cpu"  # where input ids go, even with the embedding on disk
 
 
+@pytest.mark.slow  # Accelerate disk offload
 def test_every_endpoint_matches_one_device(split_model, tiny_model):
     split = create_app({"TESTING": True}, model=split_model).test_client()
     single = create_app({"TESTING": True}, model=tiny_model).test_client()
@@ -78,6 +80,7 @@ def test_gpu_and_offload_mixed_is_refused_with_advice(tiny_dir: Path):
         load_model(str(tiny_dir), device_map=mixed)
 
 
+@pytest.mark.slow  # Accelerate disk offload
 def test_auto_map_under_a_memory_budget(tiny_dir: Path, tmp_path: Path):
     """`--device-map auto --max-memory cpu=...` smaller than the model offloads the rest to disk."""
     model = load_model(str(tiny_dir), device_map="auto", max_memory={"cpu": "8MB"}, offload_dir=str(tmp_path))

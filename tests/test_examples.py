@@ -18,6 +18,8 @@ RESPONSES = {path: op.response for path, op in OPERATIONS.items() if op.mode != 
 RESPONSES.update({"/model": openapi.ModelInfo, "/models": openapi.ModelsResponse})
 JOB_RESULTS = {path: op.response for path, op in OPERATIONS.items() if op.mode == "job"}
 
+pytestmark = pytest.mark.slow  # every documented example and curl command, jobs included, end to end
+
 
 @pytest.mark.parametrize("name,path,body", EXAMPLES, ids=[e[0] for e in EXAMPLES])
 def test_example_matches_contract_and_records_its_model(client, name, path, body):

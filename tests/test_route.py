@@ -51,6 +51,7 @@ def cluster(tiny_model):
             yield f"http://127.0.0.1:{proxy.server_port}", urls, apps
 
 
+@pytest.mark.slow  # real HTTP servers: two replicas behind the proxy
 def test_proxy_sends_a_text_to_one_replica_and_its_cache(cluster):
     proxy, urls, apps = cluster
     texts = [f"{TEXT} number {i}" for i in range(8)]
@@ -67,6 +68,7 @@ def test_proxy_sends_a_text_to_one_replica_and_its_cache(cluster):
     assert call(proxy, "/model")[1] == apps[0].test_client().get("/model").get_json()
 
 
+@pytest.mark.slow  # real HTTP servers: two replicas behind the proxy
 def test_job_polls_reach_the_replica_running_the_job(cluster):
     proxy, urls, _ = cluster
     path, body = EVERY_ENDPOINT[-1]
@@ -82,6 +84,7 @@ def test_job_polls_reach_the_replica_running_the_job(cluster):
     assert call(proxy, "/jobs/0123456789abcdef")[0] == 404
 
 
+@pytest.mark.slow  # real HTTP servers: two replicas behind the proxy
 def test_a_replica_down_hands_its_texts_to_the_next(cluster):
     proxy, urls, _ = cluster
     text = next(t for t in (f"t{i}" for i in range(100)) if ranked(urls, json.dumps([None, t]))[0] == urls[0])
