@@ -3,6 +3,7 @@ temperature, for 1-16 texts. Texts not cached yet run as right-padded batches
 (`Explorer.runs`); their last layers are read out together."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -73,7 +74,7 @@ def _scores(ex: Explorer, texts: Sequence[str]) -> list[Scores]:
     for group in batches(sizes, ex.work_bytes):
         chosen = [missing[i] for i in group]
         runs = ex.runs(chosen)
-        for text, s in zip(chosen, ex.call(lambda: scores(ex.bridge, runs))):
+        for text, s in zip(chosen, ex.call(functools.partial(scores, ex.bridge, runs))):
             ex.cache.fill(cache_key("score", text), s)
         del runs
     return [ex.cached(cache_key("score", t), lambda t=t: scores(ex.bridge, [ex.run(t)])[0]) for t in texts]
