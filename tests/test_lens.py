@@ -206,6 +206,18 @@ def test_score_batch_equals_one_by_one(tiny_model):
     print(f"\nbatched vs one-by-one token_logprobs: max |diff| {worst}")
 
 
+def test_score_read_out_in_slices_equals_one_projection(tiny_model, monkeypatch):
+    """Slices of 3 rows cross every text's boundaries (`x` is 2 tokens): the same scores."""
+    texts = TEXTS + ["x", TEXT + " again and again"]
+    whole = Explorer(tiny_model).score(texts, 0.8, 10)["results"]
+    monkeypatch.setattr(lens, "READOUT_ROWS", 3)
+    sliced = Explorer(tiny_model).score(texts, 0.8, 10)["results"]
+    for a, b in zip(whole, sliced):
+        assert a["token_ids"] == b["token_ids"] and len(a["token_logprobs"]) == len(b["token_logprobs"])
+        np.testing.assert_allclose(a["token_logprobs"][1:], b["token_logprobs"][1:], atol=1e-5)
+        assert [t["token_id"] for t in a["final"]] == [t["token_id"] for t in b["final"]]
+
+
 def test_batched_runs_equal_single_runs(tiny_model):
     ids = [[50256, 464, 3797, 3332, 319, 262, 2603], [50256, 15496], [50256, *range(100, 120)]]
     with torch.inference_mode():

@@ -174,3 +174,17 @@ def test_a_sync_score_during_a_long_job_answers(client):
     assert r.status_code == 200, r.data
     assert ok(client.get(f"/jobs/{job}"))["status"] in ("running", "done")
     client.delete(f"/jobs/{job}")
+
+
+def test_noisy_runs_split_over_chunks_give_the_same_trace(client, monkeypatch):
+    """A long text's cells replay their noisy runs a few at a time (one block of all of them
+    would be a long chunk): forced here to one run per chunk, the trace is the same."""
+    from explorer.math import replay
+
+    body = {"text": FACT, "subject": "Eiffel Tower", "samples": 4, "kind": "mlp", "window": 2}
+    whole = ok(client.post("/causal_trace", json=body))
+    client.application.extensions["explorer"].cache.clear()
+    monkeypatch.setattr(replay, "budget", lambda cfg, seq, *a: replay.Budget(64, float(seq)))
+    split = ok(client.post("/causal_trace", json=body))
+    np.testing.assert_allclose(split["scores"], whole["scores"], rtol=1e-5, atol=1e-9)
+    assert split["corrupt_prob"] == pytest.approx(whole["corrupt_prob"], rel=1e-5)

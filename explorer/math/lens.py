@@ -62,17 +62,29 @@ class Scores(NamedTuple):
     final_logits: np.ndarray
 
 
+READOUT_ROWS = 512  # positions per projection: [rows, d_vocab] float32 is 103 MB for GPT-2
+
+
 def scores(bridge: Any, runs: Sequence[Run]) -> list[Scores]:
-    """`Scores` of cached runs: their last layers read out at every position, all rows in one
-    projection ([sum of seq, d_vocab])."""
-    x = torch.cat([run.resid[-1] for run in runs]).unsqueeze(0).to(dtype=bridge.cfg.dtype)
-    logits = readout(bridge, x)[0].float()
-    out = []
-    for run, rows in zip(runs, logits.split([len(run.token_ids) for run in runs])):
-        following = run.token_ids[1:].to(rows.device)
-        token_logprobs = rows[:-1].log_softmax(-1).gather(-1, following[:, None])[:, 0]
-        out.append(Scores(token_logprobs.cpu().numpy(), rows[-1].cpu().numpy()))
-    return out
+    """`Scores` of cached runs: their last layers read out at every position, the runs' rows
+    concatenated and projected READOUT_ROWS at a time (so many short texts share one projection
+    and a long one never holds all its [seq, d_vocab] logits at once)."""
+    x = torch.cat([run.resid[-1] for run in runs]).to(dtype=bridge.cfg.dtype)  # [rows, d_model]
+    # the token after each row within its run; -1 after a run's last row (its logits are kept)
+    following = torch.cat([torch.cat([run.token_ids[1:], torch.tensor([-1])]) for run in runs]).to(x.device)
+    logprobs = torch.zeros(len(x), dtype=torch.float32, device=x.device)
+    finals: list[np.ndarray] = []
+    for begin in range(0, len(x), READOUT_ROWS):
+        logits = readout(bridge, x[None, begin:begin + READOUT_ROWS])[0].float()
+        after = following[begin:begin + READOUT_ROWS]
+        scored = after >= 0
+        logprobs[begin:begin + len(after)][scored] = (
+            logits[scored].log_softmax(-1).gather(-1, after[scored][:, None])[:, 0])
+        finals += [logits[i].cpu().numpy() for i in torch.nonzero(~scored)[:, 0].tolist()]
+    ends = np.cumsum([len(run.token_ids) for run in runs])
+    values = logprobs.cpu().numpy()
+    return [Scores(values[end - len(run.token_ids):end - 1], final)
+            for run, end, final in zip(runs, ends, finals)]
 
 
 def batches(lengths: Sequence[int], budget: int) -> list[list[int]]:

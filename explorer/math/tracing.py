@@ -65,8 +65,9 @@ def noisy_states(bridge: Any, clean: replay.Acts, positions: list[int], scale: f
     resid = clean.resid
     out = torch.empty(resid.shape[0], samples, *resid.shape[1:], dtype=resid.dtype, device=resid.device)
     draws = noise_draws(samples, len(positions), resid.shape[-1], scale, seed)
-    for begin in range(0, samples, budget.rows):
-        end = min(samples, begin + budget.rows)
+    group = max(1, min(budget.rows, int(budget.work // resid.shape[1])))  # a block of them fits a chunk
+    for begin in range(0, samples, group):
+        end = min(samples, begin + group)
         states = resid[0].expand(end - begin, -1, -1).clone()
         states[:, positions] += draws[begin:end].to(states.device, states.dtype)
         yield from replay.run_states(bridge, clean.blocks, states, out[:, begin:end], budget)
@@ -86,52 +87,64 @@ def corrupt_probability(bridge: Any, noisy: torch.Tensor, answer: int) -> np.flo
 def trace_scores(bridge: Any, clean: replay.Acts, noisy: torch.Tensor, answer: int, kind: str, first: int,
                  window: int, corrupt_prob: np.float32, budget: replay.Budget) -> Generator[float, None, np.ndarray]:
     """P(answer) after restoring each cell [n_layers, seq], averaged over the noisy runs; cells
-    before position `first` (the first subject token) keep `corrupt_prob`. Runs in chunks."""
+    before position `first` (the first subject token) keep `corrupt_prob`. Runs in chunks; a
+    cell's noisy runs are split over several when one block of all of them would exceed a
+    chunk's work (long texts)."""
     n_layers, seq = clean.n_layers, len(clean.token_ids)
     samples = noisy.shape[1]
-    scores = np.full((n_layers, seq), corrupt_prob, dtype=np.float32)
-    cells = [(l, p) for l in range(n_layers) for p in range(first, seq)]
+    group = max(1, min(samples, int(budget.work // seq)))  # noisy runs replayed together
     start: Callable[[tuple[int, int]], int] = (
         (lambda c: c[0] + 1) if kind == "resid" else (lambda c: window_layers(c[0], window, n_layers)[0]))
-    cells.sort(key=start)
-    chunks = replay.plan_chunks([start(c) for c in cells], samples, seq, n_layers, budget)
+    cells = sorted(((l, p) for l in range(n_layers) for p in range(first, seq)), key=start)
+    units = [(cell, range(s, min(s + group, samples))) for cell in cells for s in range(0, samples, group)]
+    chunks = replay.plan_chunks([start(cell) for cell, _ in units], group, seq, n_layers, budget)
+    sums = np.zeros((n_layers, seq), dtype=np.float64)
 
     def run(chunk: tuple[int, int]) -> Generator[float, None, None]:
-        part = cells[chunk[0]:chunk[1]]
-        starts, edits = _rows(kind, part, start, clean, noisy, samples, window, n_layers)
+        part = units[chunk[0]:chunk[1]]
+        starts, edits = _rows(kind, part, start, clean, noisy, window, n_layers)
         logits = yield from replay.run_rows(bridge, clean.blocks, starts, edits, budget)
-        p = probability(logits, answer).reshape(len(part), samples)
-        for (layer, position), value in zip(part, p.mean(1).cpu().numpy()):
-            scores[layer, position] = value
+        p = probability(logits, answer).cpu().numpy()
+        row = 0
+        for (layer, position), runs in part:
+            sums[layer, position] += p[row:row + len(runs)].sum(dtype=np.float64)
+            row += len(runs)
 
     yield from over_chunks(chunks, run)
+    scores = np.full((n_layers, seq), corrupt_prob, dtype=np.float32)
+    scores[:, first:] = (sums[:, first:] / samples).astype(np.float32)
     return scores
 
 
-def _rows(kind: str, cells: list[tuple[int, int]], start: Any, clean: replay.Acts, noisy: torch.Tensor,
-          samples: int, window: int, n_layers: int) -> tuple[list[tuple[int, torch.Tensor]], list[replay.Edit]]:
-    """The replay plan of `cells` (sorted by start layer): `samples` rows each. A window's
+Unit = tuple[tuple[int, int], range]  # a cell (layer, position) and the noisy runs it replays
+
+
+def _rows(kind: str, units: list[Unit], start: Any, clean: replay.Acts, noisy: torch.Tensor, window: int,
+          n_layers: int) -> tuple[list[tuple[int, torch.Tensor]], list[replay.Edit]]:
+    """The replay plan of `units` (sorted by start layer): one row per noisy run. A window's
     restores are gathered into one edit per layer."""
     starts: list[tuple[int, torch.Tensor]] = []
-    restores: dict[int, list[tuple[int, int]]] = {}  # layer -> (first row, position) of each cell
-    for i, cell in enumerate(cells):
+    restores: dict[int, list[tuple[range, int]]] = {}  # layer -> (rows, position) of each unit
+    row = 0
+    for cell, runs in units:
         layer, position = cell
         first = start(cell)
-        states = noisy[first]  # [samples, seq, d_model]
+        states = noisy[first, runs.start:runs.stop]  # [runs, seq, d_model]
         if kind == "resid":
             states = states.clone()
             states[:, position] = clean.resid[first, position]
         else:
             for k in window_layers(layer, window, n_layers):
-                restores.setdefault(k, []).append((i * samples, position))
+                restores.setdefault(k, []).append((range(row, row + len(runs)), position))
         if starts and starts[-1][0] == first:
             starts[-1] = (first, torch.cat([starts[-1][1], states]))
         else:
             starts.append((first, states))
+        row += len(runs)
     edits = []
     for k, found in restores.items():
-        rows = torch.tensor([r + s for r, _ in found for s in range(samples)])
-        positions = torch.tensor([p for _, p in found for _ in range(samples)])
+        rows = torch.tensor([r for rows, _ in found for r in rows])
+        positions = torch.tensor([p for rows, p in found for _ in rows])
         site = _SITE[kind]
         edits.append(replay.Edit(replay.SITE_HOOKS[site].format(k), rows, clean.site(site)[k, positions],
                                  positions=positions))

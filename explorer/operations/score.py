@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr
 
 from ..errors import InvalidRequest
 from ..math.forward import LENS_TOP_K
-from ..math.lens import Scores, batches, scores
+from ..math.lens import READOUT_ROWS, Scores, batches, scores
 from ..math.replay import row_bytes
 from ..session import Explorer, cache_key
 from . import precision
@@ -57,12 +57,15 @@ class ScoreResponse(BaseModel):
 
 
 def text_bytes(ex: Explorer, seq: int) -> int:
-    """Memory scoring one text of `seq` tokens takes while its group is read out: its run (then
-    kept by the cache), the forward pass's working rows, and the readout's logits and
-    log-probabilities at every position."""
+    """Memory scoring one text of `seq` tokens takes while its group runs: its run (then kept by
+    the cache) and the forward pass's working rows."""
     cfg = ex.cfg
-    run = int(cfg.n_layers) * seq * (4 * int(cfg.d_model) + 2 * int(cfg.n_heads) * seq)
-    return run + row_bytes(cfg, seq) + 2 * 4 * seq * int(cfg.d_vocab)
+    return int(cfg.n_layers) * seq * (4 * int(cfg.d_model) + 2 * int(cfg.n_heads) * seq) + row_bytes(cfg, seq)
+
+
+def readout_bytes(ex: Explorer) -> int:
+    """The readout's logits and log-probabilities of READOUT_ROWS positions (float32)."""
+    return 2 * 4 * READOUT_ROWS * int(ex.cfg.d_vocab)
 
 
 def _scores(ex: Explorer, texts: Sequence[str]) -> list[Scores]:
@@ -71,7 +74,7 @@ def _scores(ex: Explorer, texts: Sequence[str]) -> list[Scores]:
     cache's bound) before the next group runs."""
     missing = [t for t in dict.fromkeys(texts) if ex.cache.get(cache_key("score", t)) is None]
     sizes = [text_bytes(ex, len(ex.tokens(t)[0])) for t in missing]
-    for group in batches(sizes, ex.work_bytes):
+    for group in batches(sizes, ex.work_bytes - readout_bytes(ex)):
         chosen = [missing[i] for i in group]
         runs = ex.runs(chosen)
         for text, s in zip(chosen, ex.call(functools.partial(scores, ex.bridge, runs))):
@@ -96,7 +99,8 @@ def score(ex: Explorer, req: ScoreRequest) -> dict[str, Any]:
     tokens = each_text(ex, "texts", texts, always_name=False)
     longest = max(len(ids) for ids, _ in tokens)
     work = sum(forward_work(int(ex.cfg.n_layers), len(ids)) for ids, _ in tokens)
-    admit(ex, Cost(work, longest, text_bytes(ex, longest)), False, "send fewer or shorter texts", can_async=False)
+    admit(ex, Cost(work, longest, text_bytes(ex, longest) + readout_bytes(ex)), False, "send fewer or shorter texts",
+          can_async=False)
     vocab = ex.vocab_strs
     results = []
     for s, (ids, strs) in zip(_scores(ex, texts), tokens):
