@@ -60,8 +60,9 @@ def noise_draws(samples: int, n_subject: int, d_model: int, scale: float, seed: 
 
 def noisy_states(bridge: Any, clean: replay.Acts, positions: list[int], scale: float, samples: int,
                  seed: int, budget: replay.Budget) -> Generator[float, None, torch.Tensor]:
-    """Every block's input in each noisy run [n_layers + 1, samples, seq, d_model], at most
-    `budget.rows` runs at a time, yielding between pieces of `budget.work`."""
+    """Every block's input in each noisy run [n_layers + 1, samples, seq, d_model], a group of
+    runs at a time (at most `budget.rows`, and as many as one block of fits `budget.work`),
+    yielding between pieces of `budget.work`."""
     resid = clean.resid
     out = torch.empty(resid.shape[0], samples, *resid.shape[1:], dtype=resid.dtype, device=resid.device)
     draws = noise_draws(samples, len(positions), resid.shape[-1], scale, seed)

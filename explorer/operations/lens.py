@@ -94,10 +94,10 @@ def lens(ex: Explorer, req: LensRequest) -> dict[str, Any]:
         """Every position not cached yet, in one piece of worker time: a request waits behind a
         running sweep's chunk once, not once per position."""
         for p in filter(missing, positions):
-            logits = fw.lens_logits(ex.bridge, run, p)
-            ex.cache.fill(cache_key("lens", text, p), fw.lens_summary(logits))
-            if target is not None:
-                ex.cache.fill(cache_key("lens-target", text, p, target), target_lens(logits, target))
+            if target is None:
+                ex.cache.fill(cache_key("lens", text, p), fw.lens_top_k(ex.bridge, run, p))
+            else:  # the position's lens comes from the same readout
+                ex.cache.fill(cache_key("lens-target", text, p, target), _target_at(ex, text, run, p, target))
 
     if sum(map(missing, positions)) > 1:
         ex.call(fill)

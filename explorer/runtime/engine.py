@@ -35,8 +35,9 @@ GPU_FLOPS = 20e12
 
 class Throughput:
     """A model's measured throughput in floating-point operations per second: the operations
-    of its last WINDOW forward passes over the seconds they took (long passes weigh more, and a
-    slow machine reads slow). Chunk sizes and the time estimates of long requests read it."""
+    of its last WINDOW measurements (forward passes and replayed blocks) over the seconds they
+    took (long ones weigh more, and a slow machine reads slow). Chunk sizes and the time
+    estimates of long requests read it."""
 
     WINDOW = 16
 
@@ -55,6 +56,14 @@ class Throughput:
             if not self._passes:
                 return self._initial
             return sum(f for f, _ in self._passes) / sum(s for _, s in self._passes)
+
+
+def result_within(future: "Future[T]", seconds: float) -> T:
+    """The result of work queued on a model worker; `Overloaded` (retry in 5 s) past `seconds`."""
+    try:
+        return future.result(timeout=seconds)
+    except TimeoutError:
+        raise Overloaded(f"the model did not answer within {seconds:.0f} s; retry later", 5) from None
 
 
 def nbytes_of(value: Any) -> int:
@@ -210,10 +219,7 @@ class ByteLRU:
             if fut is None:
                 fut = self.worker.submit(lambda: self._compute(key, fn))
                 self._inflight[key] = fut
-        try:
-            return fut.result(timeout=self.wait_seconds)
-        except TimeoutError:
-            raise Overloaded(f"the model did not answer within {self.wait_seconds:.0f} s; retry later", 5) from None
+        return result_within(fut, self.wait_seconds)
 
     @property
     def max_bytes(self) -> int:

@@ -10,14 +10,14 @@ import threading
 import time
 from typing import Any, Callable, Hashable, Sequence, TypeVar
 
-from ..errors import InvalidRequest, Overloaded
+from ..errors import InvalidRequest
 from ..math import replay
 from ..math import forward as fw
 from ..math.forward import Run
 from ..math.lens import batches
 from ..math.replay import Budget, position_flops
 from ..runtime.engine import (CPU_FLOPS, DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_WORK_BYTES, GPU_FLOPS,
-                              ByteLRU, CacheBudget, ModelWorker, Throughput)
+                              ByteLRU, CacheBudget, ModelWorker, Throughput, result_within)
 from ..runtime.loading import LoadedModel
 
 T = TypeVar("T")
@@ -112,11 +112,7 @@ class Explorer:
         """Run `fn` on the model worker (inline when already there) and wait for it."""
         if self.worker.on_worker():
             return fn()
-        future = self.worker.submit(fn)
-        try:
-            return future.result(timeout=self.cache.wait_seconds)
-        except TimeoutError:
-            raise Overloaded(f"the model did not answer within {self.cache.wait_seconds:.0f} s; retry later", 5) from None
+        return result_within(self.worker.submit(fn), self.cache.wait_seconds)
 
     # --- cost -------------------------------------------------------------------------------
 
