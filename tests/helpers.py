@@ -125,6 +125,23 @@ def running(server) -> Iterator[Any]:
         thread.join(10)
 
 
+@contextmanager
+def waitress_serving(app, **options: Any) -> Iterator[Any]:
+    """`app` served by waitress (the production server) on a free loopback port from a thread
+    while the block runs. It is closed from inside its own loop: closed from another thread, its
+    socket can vanish under the loop's select (EBADF in the server thread)."""
+    from waitress.server import create_server
+
+    server = create_server(app, host="127.0.0.1", port=0, **options)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.trigger.pull_trigger(server.close)
+        thread.join(5)
+
+
 # --- plain HF references ----------------------------------------------------------------------
 
 @contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ from explorer.math.replay import row_bytes
 from explorer.operations import base, causal_trace, patch
 from explorer.operations.base import non_finite, shape
 from explorer.operations.causal_trace import CausalTraceResponse, max_noise, noisy_bytes
-from tests.helpers import FACT, PAIR, TARGET, err, ok, wait_job
+from tests.helpers import FACT, PAIR, TARGET, err, ok, wait_job, waitress_serving
 
 # The longest prompt pair the tiny model holds (n_ctx 64), differing at its first text token so
 # that every cell of a sweep runs.
@@ -138,8 +137,6 @@ def test_delete_ends_a_causal_trace_within_two_seconds(client):
 
 
 def test_a_sync_request_stops_when_its_client_disconnects(tiny_model, monkeypatch):
-    from waitress.server import create_server
-
     monkeypatch.setattr(base, "SYNC_SECONDS", 1e9)  # admitted however long: the client leaves first
     app = create_app({"TESTING": True}, model=tiny_model)
     ex = app.extensions["explorer"]
@@ -148,12 +145,9 @@ def test_a_sync_request_stops_when_its_client_disconnects(tiny_model, monkeypatc
     ex.acts(LONG_CLEAN)  # measures the model's speed
     full = causal_trace.cost(ex, req, 1)
     assert ex.seconds(full.work, full.seq) > 6  # the whole trace would keep the worker far longer
-    server = create_server(app, host="127.0.0.1", port=0, channel_request_lookahead=4, threads=2)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
+    with waitress_serving(app, channel_request_lookahead=4, threads=2) as server:
         data = json.dumps(body).encode()
-        sock = socket.create_connection(("127.0.0.1", server.socket.getsockname()[1]))
+        sock = socket.create_connection(("127.0.0.1", server.effective_port))
         sock.sendall(b"POST /causal_trace HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
         time.sleep(1.0)
@@ -162,9 +156,6 @@ def test_a_sync_request_stops_when_its_client_disconnects(tiny_model, monkeypatc
         left = time.monotonic()
         assert ex.worker.wait_idle(5.0), "the trace went on after its client left"
         assert time.monotonic() - left < 3.0
-    finally:
-        server.close()
-        thread.join(5)
 
 
 def test_a_sync_score_during_a_long_job_answers(client):

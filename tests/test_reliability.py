@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app import create_app, is_loopback
-from tests.helpers import TEXT
+from tests.helpers import TEXT, waitress_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [TEXT, "Attention is all you need, they said.", "1 2 3 4 5 6 7 8 9 10", "Ünïcödé 数学 🙂"]
@@ -116,14 +116,8 @@ def test_model_error_is_json_500_and_leaves_server_working(tiny_model, monkeypat
 
 @pytest.fixture()
 def live_server(tiny_model):
-    from waitress.server import create_server
-
-    app = create_app(model=tiny_model)
-    server = create_server(app, host="127.0.0.1", port=0, threads=4)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    yield server.effective_port
-    server.close()
+    with waitress_serving(create_app(model=tiny_model), threads=4) as server:
+        yield server.effective_port
 
 
 def http(port: int, raw: bytes, timeout: float = 10) -> bytes:
