@@ -39,7 +39,8 @@ class CausalTraceRequest(AsyncRequest):
         "sublayer's output at one position in a window of layers around l."))
     noise: Optional[float] = Field(default=None, description=(
         "Standard deviation of the Gaussian noise added to the subject's embeddings; default 3 x the "
-        "standard deviation of the model's token embeddings."))
+        "standard deviation of the model's token embeddings. Above 0 and at most sqrt(the dtype's largest "
+        "value / d_model) / 8 (8.3e16 for GPT-2 small in float32): larger noise overflows the norms."))
     samples: StrictInt = Field(default=DEFAULT_SAMPLES, description=f"Noise draws averaged per cell, 1 .. {MAX_SAMPLES}.")
     seed: StrictInt = Field(default=0, description="Seed of the noise draws; the same seed gives the same answer.")
     window: Optional[StrictInt] = Field(default=None, description=(
