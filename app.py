@@ -2,172 +2,26 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
 
-from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException
+from explorer.runtime.engine import DEFAULT_CACHE_BYTES, DEFAULT_WORK_BYTES, tune_allocator
+from explorer.runtime.loading import route_library_logs
+from explorer.web.server import (DEFAULTS, add_model_arguments, create_app, load_configured, model_config,
+                                 parse_model_arguments)
 
-from explorer import web
-from explorer.errors import Cancelled, InvalidRequest, Overloaded
-from explorer.runtime.engine import (DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_WORK_BYTES, CacheBudget,
-                                     tune_allocator)
-from explorer.runtime.jobs import JobManager
-from explorer.runtime.loading import (DEVICE_MAPS, LoadedModel, ModelLoadError, load_model, parse_max_memory,
-                                      resolve_device, route_library_logs)
-from explorer.session import Explorer, Models
-from explorer.web import openapi
-from explorer.web.common import UnsupportedType, error
-
+__all__ = ["DEFAULTS", "create_app", "is_loopback", "main", "parse_args"]
 log = logging.getLogger("explorer")
-
-# localhost pages on any port, and file:// pages (which send `Origin: null`)
-DEFAULT_CORS_ORIGINS = [r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$", "null"]
-LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
-
-DEFAULTS: dict[str, Any] = {
-    "MODEL": "gpt2",  # a name, a comma-separated list, or a list: several models, the first the default
-    "RANDOM_WEIGHTS": False,
-    "DEVICE": "auto",
-    "DTYPE": "float32",
-    "DEVICE_MAP": None,  # "auto" | "balanced" | "sequential" | {module: device}: Accelerate placement
-    "MAX_MEMORY": None,  # {0: "20GiB", "cpu": "64GiB"}
-    "OFFLOAD_DIR": None,
-    "CORS_ORIGINS": DEFAULT_CORS_ORIGINS,
-    "MAX_CONTENT_LENGTH": 1 << 20,  # request bodies; larger ones get 413 before parsing
-    "MAX_RESPONSE_BYTES": 100 << 20,
-    "CACHE_BYTES": DEFAULT_CACHE_BYTES,
-    "WORK_BYTES": DEFAULT_WORK_BYTES,  # one request's working memory at once, beside the cache
-    "QUEUE_SIZE": DEFAULT_QUEUE_SIZE,
-    "CHECK_HOST": True,  # reject non-loopback Host headers (DNS rebinding); off for public binds
-}
-
-
-def host_name(host: str) -> str:
-    """`host[:port]` of a Host header -> host, keeping IPv6 brackets."""
-    if host.startswith("["):
-        return host[: host.find("]") + 1]
-    return host.rsplit(":", 1)[0]
-
-
-def model_names(spec: str | Sequence[str]) -> list[str]:
-    """`--model` values (repeated, or comma-separated as in EXPLORER_MODEL) -> names, in order."""
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    return [name.strip() for part in parts for name in part.split(",") if name.strip()]
-
-
-def load_models(names: Sequence[str], config: dict[str, Any]) -> list[LoadedModel]:
-    """Load every model `config` names; with random weights, model i gets seed i."""
-    return [load_model(name, random_weights=config["RANDOM_WEIGHTS"], seed=i, device=config["DEVICE"],
-                       dtype=config["DTYPE"], device_map=config["DEVICE_MAP"], max_memory=config["MAX_MEMORY"],
-                       offload_dir=config["OFFLOAD_DIR"])
-            for i, name in enumerate(names)]
-
-
-def create_app(config: dict[str, Any] | None = None,
-               model: LoadedModel | Sequence[LoadedModel] | dict[str, LoadedModel] | None = None) -> Flask:
-    """Build the app. `model` is injected by tests: one, several (the first is the default), or
-    {name: model} (requests name them by these keys); otherwise `config["MODEL"]` is loaded."""
-    app = Flask(__name__, static_folder="static")  # the viewer: GET / and /static/*
-    app.config.update(DEFAULTS)
-    app.config.update(config or {})
-    app.json.sort_keys = False
-    if model is None:
-        model = load_models(model_names(app.config["MODEL"]), app.config)
-    if isinstance(model, dict):
-        model = [dataclasses.replace(m, name=name) for name, m in model.items()]
-    loaded = [model] if isinstance(model, LoadedModel) else list(model)
-    budget = CacheBudget(app.config["CACHE_BYTES"])  # one bound for all models' caches
-    models = Models([Explorer(m, queue_size=app.config["QUEUE_SIZE"], budget=budget,
-                              work_bytes=app.config["WORK_BYTES"]) for m in loaded])
-    app.extensions["models"] = models
-    app.extensions["explorer"] = models.default
-    app.extensions["jobs"] = JobManager()
-    app.extensions["openapi"] = openapi.build(models.default.model.info())
-    web.register(app)
-
-    from flask_cors import CORS
-    CORS(app, origins=app.config["CORS_ORIGINS"], supports_credentials=False,
-         expose_headers=["Server-Timing", "Retry-After", "Location"])
-
-    @app.before_request
-    def check_host() -> Response | None:
-        g.started = time.perf_counter()
-        if app.config["CHECK_HOST"] and host_name(request.host.lower()) not in LOOPBACK_HOSTS:
-            return error("Host header must be localhost, 127.0.0.1 or [::1] (the server is bound "
-                         "to loopback; start it with --host to serve other names)", 400)
-        return None
-
-    @app.after_request
-    def server_timing(response: Response) -> Response:
-        # Time spent inside the app (parse, cache or model, JSON): browser devtools show it, and
-        # the benchmark reads it to separate server work from HTTP overhead.
-        if "started" in g:
-            response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - g.started) * 1000:.3f}"
-        return response
-
-    @app.errorhandler(InvalidRequest)
-    def invalid(exc: InvalidRequest) -> Response:
-        return error(str(exc), 400)
-
-    @app.errorhandler(UnsupportedType)
-    def unsupported(_: UnsupportedType) -> Response:
-        return error("Content-Type must be application/json", 415)
-
-    @app.errorhandler(Overloaded)
-    def overloaded(exc: Overloaded) -> Response:
-        return error(f"server busy: {exc}", 503, {"Retry-After": str(exc.retry_after)})
-
-    @app.errorhandler(Cancelled)
-    def cancelled(_: Cancelled) -> Response:  # a synchronous request whose client left: nobody reads it
-        return error("cancelled: the client disconnected", 499)
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> Response:
-        messages = {
-            404: f"no endpoint {request.path}; see GET /openapi.json or API.md",
-            405: f"{request.method} is not allowed on {request.path}",
-            413: f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
-        }
-        return error(messages.get(exc.code or 500, exc.description or exc.name), exc.code or 500,
-                     dict(exc.get_headers()) if exc.code == 405 else None)
-
-    @app.errorhandler(Exception)
-    def internal(exc: Exception) -> Response:
-        log.exception("unhandled error on %s", request.path)
-        return error("internal error (details are in the server log)", 500)
-
-    return app
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(description="Serve a language model's internals as a JSON API. "
                                 "Every flag has an environment-variable twin (shown in brackets).")
-    p.add_argument("--model", action="append",
-                   help="Hugging Face model name or save_pretrained directory; repeat it to serve several "
-                        "models (the first is the default; requests pick one with \"model\") "
-                        "[EXPLORER_MODEL, comma-separated] (default gpt2)")
-    p.add_argument("--random-weights", action="store_true",
-                   default=env("EXPLORER_RANDOM_WEIGHTS", "").lower() in {"1", "true", "yes"},
-                   help="GPT-2-small shape with seeded random weights (model i: seed i) and the real GPT-2 "
-                        "tokenizer; needs no download [EXPLORER_RANDOM_WEIGHTS=1]")
-    p.add_argument("--device", default=env("EXPLORER_DEVICE", "auto"),
-                   help="cpu, cuda, cuda:N or auto [EXPLORER_DEVICE] (default auto)")
-    p.add_argument("--device-map", default=env("EXPLORER_DEVICE_MAP"), choices=DEVICE_MAPS,
-                   help="spread a model too large for one device over GPUs, CPU memory and disk "
-                        "(Accelerate; replaces --device) [EXPLORER_DEVICE_MAP]")
-    p.add_argument("--max-memory", default=env("EXPLORER_MAX_MEMORY"),
-                   help="per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB [EXPLORER_MAX_MEMORY]")
-    p.add_argument("--offload-dir", default=env("EXPLORER_OFFLOAD_DIR"),
-                   help="directory for weights --device-map offloads to disk [EXPLORER_OFFLOAD_DIR]")
-    p.add_argument("--dtype", default=env("EXPLORER_DTYPE", "float32"),
-                   choices=["float32", "bfloat16", "float16"], help="[EXPLORER_DTYPE] (default float32)")
+    add_model_arguments(p)
     p.add_argument("--host", default=env("EXPLORER_HOST", "127.0.0.1"), help="[EXPLORER_HOST] (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(env("EXPLORER_PORT", "5001")), help="[EXPLORER_PORT] (default 5001)")
     p.add_argument("--cors-origins", default=env("EXPLORER_CORS_ORIGINS"),
@@ -180,11 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "are chunked to it and refused past it [EXPLORER_WORK_MB] (default %(default)s)")
     p.add_argument("--threads", type=int, default=int(env("EXPLORER_THREADS", "8")),
                    help="HTTP worker threads [EXPLORER_THREADS] (default 8)")
-    args = p.parse_args(argv)
-    args.model = model_names(args.model or env("EXPLORER_MODEL", "gpt2"))
-    if len(set(args.model)) != len(args.model):
-        p.error(f"--model names a model twice: {', '.join(args.model)}")
-    return args
+    return parse_model_arguments(p, argv)
 
 
 def is_loopback(host: str) -> bool:
@@ -207,25 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if not loopback:
         log.warning("Binding to %s: anyone who can reach this address can use the API. "
                     "Use the default --host 127.0.0.1 unless you mean to share it.", args.host)
-    log.info("Loading %s on %s ...", "random GPT-2 weights" if args.random_weights else ", ".join(args.model),
-             args.device_map or resolve_device(args.device))
-    config: dict[str, Any] = {"RANDOM_WEIGHTS": args.random_weights, "DEVICE": args.device, "DTYPE": args.dtype,
-                              "DEVICE_MAP": args.device_map, "OFFLOAD_DIR": args.offload_dir,
-                              "CACHE_BYTES": args.cache_mb << 20, "WORK_BYTES": args.work_mb << 20,
-                              "CHECK_HOST": loopback}
-    try:
-        config["MAX_MEMORY"] = parse_max_memory(args.max_memory) if args.max_memory else None
-        models = load_models(args.model, config)
-    except ModelLoadError as exc:
-        print(f"\nerror: {exc}\n", file=sys.stderr)
+    config = {**model_config(args), "CACHE_BYTES": args.cache_mb << 20, "WORK_BYTES": args.work_mb << 20,
+              "CHECK_HOST": loopback}
+    models = load_configured(config)
+    if models is None:
         return 1
-    for model in models:
-        cfg = model.cfg
-        weights = {"random": "RANDOM weights: predictions are meaningless", "pretrained": "pretrained weights",
-                   "local": f"weights from {model.path}"}[model.weights]
-        log.info("Loaded %s (%s, %s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
-                 "vocab %d, n_ctx %d", model.name, model.family, weights, model.device, model.dtype,
-                 model.load_seconds, cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_vocab, cfg.n_ctx)
     if args.cors_origins:
         config["CORS_ORIGINS"] = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
     app = create_app(config, model=models)

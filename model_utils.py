@@ -21,7 +21,7 @@ from explorer.math.replay import Acts, capture, run_rows
 from explorer.math.target import Target, recovery
 from explorer.operations import OPERATIONS, Operation, parse
 from explorer.runtime.engine import ByteLRU, ModelWorker, tune_allocator
-from explorer.runtime.jobs import Job, JobManager
+from explorer.runtime.jobs import Job, JobManager, stamped
 from explorer.runtime.loading import LoadedModel, ModelLoadError, gpt2_tokenizer, load_model, random_gpt2
 from explorer.session import Explorer as Session
 # Plotting (matplotlib is imported only when a plot function is called, never by the server).
@@ -29,7 +29,7 @@ from explorer.plots import (plot_attention_heatmap, plot_attribution_vs_patching
                             plot_head_grid, plot_lens_grid, plot_logit_lens, plot_patching, plot_target_trajectory,
                             plot_token_probabilities, plot_trajectories, project_2d)
 
-NOT_POSITIONAL = ("model", "async")  # fields only ever given by name
+NOT_POSITIONAL = ("model", "provenance", "async")  # fields only ever given by name
 
 
 class Explorer(Session):
@@ -39,7 +39,7 @@ class Explorer(Session):
         super().__init__(model, **options)
         self.jobs = JobManager()
 
-    def _request(self, name: str, args: tuple[Any, ...], fields: dict[str, Any]) -> tuple[Operation, Any]:
+    def _request(self, name: str, args: tuple[Any, ...], fields: dict[str, Any]) -> tuple[Operation, Any, dict]:
         op = next((o for o in OPERATIONS.values() if o.kind == name), None)
         if op is None:
             raise InvalidRequest(f"no operation {name!r}; operations: {', '.join(o.kind for o in OPERATIONS.values())}")
@@ -49,20 +49,25 @@ class Explorer(Session):
         body = {**dict(zip(names, args)), **fields}
         if op.mode == "steps":  # a Python caller may wait as long as it likes: a job's time bound applies
             body["async"] = True
-        return op, parse(op.request, {k: v for k, v in body.items() if v is not None or k in fields})
+        body = {k: v for k, v in body.items() if v is not None or k in fields}
+        return op, parse(op.request, body), body
 
     def answer(self, name: str, *args: Any, **fields: Any) -> Any:
-        """The response of operation `name` (the endpoint's path without its slash) to these fields."""
-        op, req = self._request(name, args, fields)
+        """The response of operation `name` (the endpoint's path without its slash) to these fields;
+        with `provenance=True` it carries its provenance, as over HTTP."""
+        op, req, body = self._request(name, args, fields)
         result = op.run(self, req)
-        return result if op.mode == "call" else self.jobs.run(op.kind, result, self.worker)
+        if op.mode != "call":
+            result = self.jobs.run(op.kind, result, self.worker)
+        return {**result, "provenance": op.stamp(self, body, req)} if req.provenance else result
 
     def start(self, name: str, *args: Any, **fields: Any) -> Job:
-        """Start a long operation (patch, causal_trace, ablate, attribution_patch, chg) as a job."""
-        op, req = self._request(name, args, fields)
+        """Start a long operation (patch, causal_trace, ablate, attribution_patch, chg) as a job;
+        its result carries its provenance, as a server's job does."""
+        op, req, body = self._request(name, args, fields)
         if op.mode == "call":
             raise InvalidRequest(f"{name} answers at once; call ex.{name}(...)")
-        return self.jobs.start(op.kind, op.run(self, req), self.worker)
+        return self.jobs.start(op.kind, stamped(op.run(self, req), lambda: op.stamp(self, body, req)), self.worker)
 
 
 def _method(op: Operation) -> Callable[..., Any]:

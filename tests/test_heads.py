@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.helpers import (CLEAN, CORRUPT, FACT, PAIR, TEXT, TINY, HFPatcher, err, grid_shape, ids_of, ok,
-                           wait_job)
+                           unstamped, wait_job)
 
 
 def metric_of(body: dict):
@@ -100,7 +100,7 @@ def test_ablate_async_equals_sync(client):
     assert r.status_code == 202
     state = wait_job(client, r.get_json()["job"])
     assert state["status"] == "done" and state["kind"] == "ablate"
-    assert state["result"] == ok(client.post("/ablate", json=request))
+    assert unstamped(state["result"]) == ok(client.post("/ablate", json=request))
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -203,7 +203,8 @@ def test_async_attribution_with_compare(client):
     assert r.status_code == 202
     state = wait_job(client, r.get_json()["job"])
     assert state["status"] == "done" and state["kind"] == "attribution_patch"
-    assert state["result"] == ok(client.post("/attribution_patch", json={**PAIR, "site": "heads", "compare": True}))
+    assert unstamped(state["result"]) == ok(client.post("/attribution_patch",
+                                                        json={**PAIR, "site": "heads", "compare": True}))
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -342,9 +343,8 @@ def test_chg_finds_the_decisive_head(decisive, helped, role):
 
 def test_chg_same_seed_same_gates(client):
     body = {"texts": [CLEAN, TEXT], "targets": [" Mary", " mat"], "steps": 4, "seed": 7}
-    first = wait_job(client, ok_job(client, body))["result"]
-    again = wait_job(client, ok_job(client, body))["result"]
-    other = wait_job(client, ok_job(client, {**body, "seed": 8}))["result"]
+    first, again, other = (unstamped(wait_job(client, ok_job(client, b))["result"])
+                           for b in (body, body, {**body, "seed": 8}))
     assert first == again
     assert first["gates"]["unregularized"] != other["gates"]["unregularized"]
     assert (first["steps"], first["seed"], first["lambda"], first["n_texts"]) == (4, 7, 0.1, 2)

@@ -6,7 +6,7 @@ import threading
 import time
 import pytest
 
-import app as app_module
+from explorer.web import server as app_module
 from app import create_app, parse_args
 from tests.helpers import EVERY_ENDPOINT, TEXT, answer, max_diff
 
@@ -48,7 +48,9 @@ def test_models_model_and_health(two, tiny_model, other_model):
     assert listed["default"] == "a" and [m["name"] for m in listed["models"]] == ["a", "b"]
     assert client.get("/model").get_json() == listed["models"][0] == client.get("/model?model=a").get_json()
     assert client.get("/model?model=b").get_json() == listed["models"][1]
-    assert listed["models"][1] == {**other_model.info(), "name": "b"}
+    info = other_model.info()
+    info["provenance"]["model"]["name"] = info["name"] = "b"
+    assert listed["models"][1] == info
     client.post("/predict", json={"text": TEXT, "token_index": 2, "model": "b"})
     health = client.get("/health").get_json()
     assert health["model"] == "a" and set(health["models"]) == {"a", "b"}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers import (CLEAN, CORRUPT, FACT, PAIR, HFPatcher, block_outputs, err, grid_shape, ids_of, ok,
-                           wait_job)
+                           unstamped, wait_job)
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformer_lens.patching draws a bar per sweep otherwise
 
@@ -273,7 +273,7 @@ def test_async_patch_returns_a_job_with_progress_and_the_same_result(client, one
         seen.append(state["progress"])
         time.sleep(0.005)
     assert state["status"] == "done" and state["progress"] == 1 and state["kind"] == "patch"
-    assert state["result"] == sync
+    assert unstamped(state["result"]) == sync
     assert seen == sorted(seen) and all(0 <= p <= 1 for p in seen)
 
 
@@ -282,7 +282,7 @@ def test_async_causal_trace(peaked):
     r = client.post("/causal_trace", json={"text": FACT, "subject": "Eiffel Tower", "samples": 2, "async": True})
     assert r.status_code == 202
     state = wait_job(client, r.get_json()["job"])
-    assert state["status"] == "done" and state["result"] == trace(client, samples=2)
+    assert state["status"] == "done" and unstamped(state["result"]) == trace(client, samples=2)
 
 
 def test_bad_async_request_is_refused_before_any_job(client):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ..errors import InvalidRequest
 from ..math.target import Target
+from ..runtime import provenance
 from ..session import Explorer
 
 # A token given by the user: a string that must be exactly one token, or a token id.
@@ -46,6 +47,10 @@ class Operation:
     def kind(self) -> str:
         """The job kind and name of the operation: the path's last part (`/jobs/chg` -> chg)."""
         return self.path.rsplit("/", 1)[-1]
+
+    def stamp(self, ex: Explorer, body: Any, request: "Request") -> dict[str, Any]:
+        """The provenance of an answer to `body` (as received; `request` parsed from it), now."""
+        return provenance.record(ex.model.describe(), self.path, body, request.seeds())
 
 
 OPERATIONS: dict[str, Operation] = {}  # by path, in registration order
@@ -113,6 +118,13 @@ class Request(BaseModel):
 
     model: Optional[StrictStr] = Field(default=None, description=(
         "Name of a loaded model (GET /models); omitted or null: the server's default (first) model."))
+    provenance: StrictBool = Field(default=False, description=(
+        "true: the answer carries a `provenance` object (model and its source, software versions, this "
+        "request, the seeds used, the time). A job's result always carries it."))
+
+    def seeds(self) -> dict[str, int]:
+        """The seeds this request runs with, defaults included (a provenance record's `seeds`)."""
+        return {name: getattr(self, name) for name in type(self).model_fields if name == "seed"}
 
 
 class TextRequest(Request):

@@ -133,6 +133,12 @@ def run_sync(kind: str, steps: Steps, worker: ModelWorker, gone: Callable[[], bo
                 job.cancel()
 
 
+def stamped(steps: Steps, stamp: Callable[[], dict[str, Any]]) -> Steps:
+    """`steps` whose result carries a `provenance` (`stamp()`, called once the result is done)."""
+    result = yield from steps
+    return {**result, "provenance": stamp()}
+
+
 class JobManager:
     """The jobs of one server (all models): bounded in number, forgotten after a while."""
 

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import torch
 
+from . import provenance
+
 log = logging.getLogger("explorer")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,6 +38,10 @@ FAMILIES = {
 }
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = str | dict[str, str | int]
+
+
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message is meant for a human."""
 
@@ -51,6 +57,10 @@ class LoadedModel:
     dtype: str
     load_seconds: float
     path: str | None = None  # the directory of "local" weights
+    # Where the weights came from (provenance): {"kind": "hub", "id", "revision"}, {"kind": "local",
+    # "path", "sha256", "files"}, {"kind": "random", "seed", ...}; None for a model built by hand.
+    source: dict[str, Any] | None = None
+    device_map: DeviceMap | None = None
     # Held while any worker runs this model: the bridge is not thread-safe, and one model may be
     # served by several explorers (apps in tests, a renamed copy); `dataclasses.replace` keeps it.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -121,7 +131,15 @@ class LoadedModel:
             "prepends_bos": self.prepends_bos,
             "bos_token_id": self.bos_token_id,
             "path": self.path,
+            "provenance": provenance.static(self.describe()),
         }
+
+
+    def describe(self) -> dict[str, Any]:
+        """The model part of an answer's provenance."""
+        source = self.source or {"kind": "unknown"}
+        return {"name": self.name, "source": source, "family": self.family, "dtype": self.dtype,
+                "device": self.device, "device_map": self.device_map}
 
 
 def gpt2_tokenizer() -> Any:
@@ -180,12 +198,13 @@ def route_library_logs(level: int = logging.ERROR) -> None:
         logger.propagate = True
 
 
-def hub_cached(name: str) -> bool:
-    """Whether the hub model `name` has its config and weights in the local Hugging Face cache."""
+def hub_cached(name: str, revision: str | None = None) -> bool:
+    """Whether the hub model `name` (at `revision`, default its main branch) has its config and
+    weights in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
 
     def cached(filename: str) -> bool:
-        found = try_to_load_from_cache(name, filename)
+        found = try_to_load_from_cache(name, filename, revision=revision)
         return isinstance(found, str) and os.path.exists(found)
 
     try:
@@ -267,9 +286,6 @@ def needs_token(exc: BaseException) -> bool:
     return False
 
 
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-DeviceMap = str | dict[str, str | int]
-
 
 def parse_max_memory(spec: str) -> dict[int | str, str]:
     """`--max-memory "0=20GiB,1=20GiB,cpu=64GiB"` -> Accelerate's `max_memory` ({0: "20GiB", ...})."""
@@ -321,12 +337,14 @@ def load_model(
     device_map: DeviceMap | None = None,
     max_memory: dict[int | str, str] | None = None,
     offload_dir: str | None = None,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load `name` (hub name or `save_pretrained` directory), or seeded random GPT-2-small weights.
 
-    `device_map` ("auto", "balanced", "sequential" or an explicit {module: device} dict),
-    `max_memory` and `offload_dir` spread a model too large for one device over several
-    devices, CPU memory and disk (Accelerate); `device` is then ignored.
+    `revision` pins a hub model's branch, tag or commit. `device_map` ("auto", "balanced",
+    "sequential" or an explicit {module: device} dict), `max_memory` and `offload_dir` spread a
+    model too large for one device over several devices, CPU memory and disk (Accelerate);
+    `device` is then ignored.
     Raises `ModelLoadError` with an explanation a user can act on.
     """
     device = resolve_device(device)
@@ -343,13 +361,15 @@ def load_model(
         raise ModelLoadError(
             f"--model {name} is not a directory. Give a directory written by save_pretrained, a "
             "Hugging Face model id (e.g. gpt2), or --random-weights to run with no download.")
+    if revision is not None and (random_weights or os.path.isdir(os.path.expanduser(name))):
+        raise ModelLoadError("a revision pins a Hugging Face hub model; a local directory or random weights have none")
     local = not random_weights and os.path.isdir(os.path.expanduser(name))
     path = os.path.abspath(os.path.expanduser(name)) if local else None
     offline: Any = contextlib.nullcontext()
     if not random_weights and path is None:
         from huggingface_hub import constants
 
-        if hub_cached(name):
+        if hub_cached(name, revision):
             log.info("%s is in the local Hugging Face cache: loading it offline, without the network", name)
             offline = hub_offline()
         elif not constants.HF_HUB_OFFLINE:
@@ -372,11 +392,12 @@ def load_model(
             with offline:
                 bridge = TransformerBridge.boot_transformers(
                     path or name, dtype=DTYPES[dtype], device_map=device_map,
-                    max_memory=max_memory, offload_folder=offload_dir)
+                    max_memory=max_memory, offload_folder=offload_dir, revision=revision)
             label = name
         else:
             with offline:
-                bridge = TransformerBridge.boot_transformers(path or name, device=device, dtype=DTYPES[dtype])
+                bridge = TransformerBridge.boot_transformers(path or name, device=device, dtype=DTYPES[dtype],
+                                                             revision=revision)
             label = name
     except Exception as exc:  # anything from the hub, the filesystem or the architecture check
         if device_map is not None and "offload targets with a GPU" in str(exc):
@@ -404,6 +425,12 @@ def load_model(
         device = placement(hf_device_map)
         # Inputs go where the embedding computes, even when its weights are offloaded ("meta").
         bridge.cfg.device = str(execution_device(bridge.original_model.get_input_embeddings(), "cpu"))
+    if random_weights:
+        source: dict[str, Any] = {"kind": "random", "seed": seed, "shape": "gpt2-small", "tokenizer": "gpt2"}
+    elif path is not None:
+        source = {"kind": "local", "path": path, **provenance.files_hash(path)}
+    else:
+        source = provenance.hub_source(name, revision)
     return LoadedModel(
         bridge=bridge,
         name=label,
@@ -412,4 +439,6 @@ def load_model(
         dtype=dtype,
         load_seconds=time.perf_counter() - start,
         path=path,
+        source=source,
+        device_map=device_map,
     )

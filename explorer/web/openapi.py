@@ -9,8 +9,46 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from .. import __version__
 from ..math.forward import LENS_TOP_K
 from ..operations import OPERATIONS
+
+
+class ModelProvenance(BaseModel):
+    name: str
+    source: dict[str, Any] = Field(description=(
+        'Where the weights came from. {"kind": "hub", "id", "revision": the commit of the files loaded, '
+        '"requested_revision"}; {"kind": "local", "path", "sha256": one hash over the directory\'s config, '
+        'tokenizer and weight files, "files"}; {"kind": "random", "seed", "shape", "tokenizer"}.'))
+    family: str
+    dtype: str
+    device: str = Field(description='Where it computes; with a device map, every place in order ("cuda:0+cpu").')
+    device_map: Optional[Any] = Field(description="The --device-map it was placed with; null: none.")
+
+
+class Software(BaseModel):
+    python: str
+    torch: Optional[str]
+    transformers: Optional[str]
+    transformer_lens: Optional[str]
+    explorer: dict[str, Any] = Field(description=(
+        '{"version": the package version, "commit": the git commit when run from a checkout (else null), '
+        '"modified": whether tracked files differ from that commit}'))
+
+
+class StaticProvenance(BaseModel):
+    model: ModelProvenance
+    software: Software
+
+
+class Provenance(StaticProvenance):
+    """Where an answer came from: in every job's result, and in a response whose request said
+    `"provenance": true`."""
+
+    endpoint: str = Field(description="The path the request was sent to.")
+    request: dict[str, Any] = Field(description="The request body as received.")
+    seeds: dict[str, int] = Field(description="The seeds used, defaults included ({} when none).")
+    time: str = Field(description="When the answer was made: ISO 8601, UTC.")
 
 
 class ModelInfo(BaseModel):
@@ -34,6 +72,8 @@ class ModelInfo(BaseModel):
         "Whether index 0 is a start token the server adds (BOS; [CLS] for BERT). false: index 0 is "
         "the text's first token (Pythia, Qwen)."))
     bos_token_id: Optional[int] = Field(description="The id of that start token; null when none.")
+    provenance: StaticProvenance = Field(description=(
+        "The part of every answer's provenance that this model fixes: its source and the software."))
 
 
 class CacheStats(BaseModel):
@@ -116,16 +156,18 @@ def _apply_bounds(component: dict[str, Any], info: dict[str, Any]) -> None:
             prop["anyOf"][0].update(minItems=1, maxItems=info["n_ctx"], uniqueItems=True)
 
 
-def build(info: dict[str, Any], version: str = "1.1.0") -> dict[str, Any]:
+def build(info: dict[str, Any], version: str = __version__) -> dict[str, Any]:
     """The document for a model described by `info` (`LoadedModel.info()`)."""
     requests = [op.request for op in OPERATIONS.values()]
     models = requests + [op.response for op in OPERATIONS.values()] + [r for r, _ in GETS.values()]
-    models += [Error, JobAccepted, JobStatus]
+    models += [Error, JobAccepted, JobStatus, Provenance]
     _, defs = models_json_schema([(m, "validation") for m in dict.fromkeys(models)],
                                  ref_template="#/components/schemas/{model}")
     components = defs["$defs"]
     for model in requests:
         _apply_bounds(components[model.__name__], info)
+    for op in OPERATIONS.values():  # added by the web layer, not the operation: see Provenance
+        components[op.response.__name__]["properties"]["provenance"] = {"$ref": "#/components/schemas/Provenance"}
 
     def ref(model: type) -> dict[str, Any]:
         return {"$ref": f"#/components/schemas/{model.__name__}"}

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, request
 
 from ..errors import InvalidRequest
 from ..operations import OPERATIONS, Operation, parse
-from ..runtime.jobs import run_sync
+from ..runtime.jobs import run_sync, stamped
 from .common import job_manager, json_response, models, request_json
 
 bp = Blueprint("operations", __name__)
@@ -32,17 +32,18 @@ def check_size(estimate: int) -> None:
 
 def _view(op: Operation) -> Callable[[], Response]:
     def view() -> Response:
-        req = parse(op.request, request_json())
+        body = request_json()
+        req = parse(op.request, body)
         ex = models().get(req.model)
         if op.response_bytes is not None:
             check_size(op.response_bytes(ex, req))
         result = op.run(ex, req)
-        if op.mode == "call":
-            return json_response(result)
-        if op.mode == "job" or req.run_async:
-            job = job_manager().start(op.kind, result, ex.worker)
+        if op.mode == "job" or (op.mode == "steps" and req.run_async):  # a job's result always says where from
+            job = job_manager().start(op.kind, stamped(result, lambda: op.stamp(ex, body, req)), ex.worker)
             return json_response({"job": job.id}, 202, {"Location": f"/jobs/{job.id}"})
-        return json_response(run_sync(op.kind, result, ex.worker, _client_gone()))
+        if op.mode == "steps":
+            result = run_sync(op.kind, result, ex.worker, _client_gone())
+        return json_response({**result, "provenance": op.stamp(ex, body, req)} if req.provenance else result)
     view.__name__ = op.kind
     return view
 
