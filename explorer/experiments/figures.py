@@ -84,7 +84,6 @@ FIGURES: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "/trace": plots.plot_trajectories,
     "/attention": plots.plot_attention_heatmap,
     "/predict": plots.plot_logit_lens,
-    "/score": plots.plot_token_probabilities,
     "/lens": _lens,
     "/dla": plots.plot_dla,
     "/patch": plots.plot_patching,
