@@ -312,6 +312,18 @@ def test_stale_error_does_not_cover_a_newer_answer(page, server):
     assert panel.locator(".lens-row").count() == server[1].get("/model").get_json()["n_layers"]
 
 
+def test_export_of_answers_without_provenance(page, server):
+    """A view whose data holds no provenance record still exports: no requests, the data itself."""
+    page.route("**/predict", lambda route: route.fulfill(
+        json={k: v for k, v in route.fetch().json().items() if k != "provenance"}))
+    panel = open_view(page, "lens")
+    exported = download_exports(page, panel, "export-lens-without-provenance")
+    text = page.input_value("#text")
+    n = len(api(server, "/tokenize", {"text": text})["tokens"])
+    assert exported["requests"] == []
+    assert exported["data"] == api(server, "/predict", {"text": text, "token_index": n - 1, "top_k": 5})
+
+
 # --- Heads view -----------------------------------------------------------------------------------
 
 def numbers(text: str) -> list[float]:
@@ -365,6 +377,9 @@ def test_heads_attribution_patching_and_scatter(page, server):
     # a scatter point reads the same head
     assert hover_text(page, panel.locator("circle.scatter-point").nth(n_heads + 1)) == tip
     screenshot(page, "heads-attribution")
+    exported = download_exports(page, panel, "export-heads-attribution")
+    check_requests(server, exported, [("/attribution_patch", {"clean": CLEAN, "corrupt": CORRUPT, "answer": " Mary",
+                                                              "distractor": " John", "site": "heads", "compare": True})])
     show_heads(page, panel, "patching")
     tip = hover_text(page, panel.locator("rect.head-cell").nth(n_heads + 1))
     assert tip.startswith("L1 H1: real patching") and numbers(tip)[-3] == pytest.approx(real, rel=1e-3)
@@ -399,6 +414,8 @@ def test_heads_chg_job_with_progress_and_taxonomy(page, server):
     assert tip.startswith("L0 H0: CHG gate") and result["taxonomy"][0][0] in tip
     assert numbers(tip)[-3] == pytest.approx(result["gates"]["toward_zero"][0][0], rel=1e-3)
     screenshot(page, "heads-chg")
+    exported = download_exports(page, panel, "export-heads-chg")  # the job's result
+    check_requests(server, exported, [("/jobs/chg", {"texts": [CLEAN], "targets": [" Mary"], "steps": 40})])
 
 
 def test_heads_chg_cancel(page, server):
@@ -449,13 +466,15 @@ def check_requests(server, result: dict, sent: list[tuple[str, dict]]) -> None:
     """A view's JSON export (`result`) lists the requests it `sent` (endpoint and body, "provenance"
     aside), in order: each with the API's answer to that request asked again (without "async"; a
     job-only endpoint's job result),
-    and the provenance of the answer the view got (this endpoint and body, the served model)."""
-    model = server[1].get("/model").get_json()["name"]
+    and the provenance of the answer the view got (this endpoint and body, the model it names or
+    the server's default)."""
+    default = server[1].get("/model").get_json()["name"]
     assert [(r["endpoint"], r["provenance"]["request"]) for r in result["requests"]] == [
         (path, {**body, "provenance": True}) for path, body in sent]
     for r in result["requests"]:
         assert r["request"] == {k: v for k, v in r["provenance"]["request"].items() if k not in ("provenance", "async")}
-        assert r["provenance"]["endpoint"] == r["endpoint"] and r["provenance"]["model"]["name"] == model
+        assert r["provenance"]["endpoint"] == r["endpoint"]
+        assert r["provenance"]["model"]["name"] == r["request"].get("model", default)
         assert r["response"] == helpers.answer(server[1], r["endpoint"], r["request"])
 
 
@@ -800,6 +819,12 @@ def test_compare_two_models_side_by_side(two_page, two_server):
     assert hover_text(page, right_cell).endswith(f"{attn['tiny-b']['attention_matrix'][2][1][1]:.4f}")
     left_cell = panel.locator("rect.cell").nth(n + 1)
     assert hover_text(page, left_cell).endswith(f"{attn['tiny-a']['attention_matrix'][2][1][1]:.4f}")
+    exported = download_exports(page, panel, "export-compare")
+    assert exported["view"] == "compare-tiny-a-tiny-b-L1-H2"
+    check_requests(two_server, exported, [
+        request for m in ("tiny-a", "tiny-b") for request in (
+            ("/lens", {"text": TEXT, "top_k": 5, "model": m}),
+            ("/attention", {"text": TEXT, "layer": 1, "head": None, "model": m}))])
     choose(page, panel, "#cmp-b", "tiny-a")  # the same model twice: identical columns
     assert cells.nth(0).locator("text").text_content() == cells.nth(n_layers * n_pos).locator("text").text_content()
     screenshot(page, "compare")
