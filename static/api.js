@@ -1,6 +1,6 @@
 // The viewer's only contact with the server: one function per JSON endpoint.
 // A minimal reference client: every request is JSON, every failure is an ApiError carrying the
-// server's own `{"error": ...}` message.
+// server's own `{"error": ...}` message, every answer its provenance.
 
 export class ApiError extends Error {
   constructor(message, status) {
@@ -18,7 +18,9 @@ async function call(method, path, body) {
   const init = { method, headers: { Accept: "application/json" } };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json"; // anything else is refused with 415
-    init.body = JSON.stringify({ ...body, model: body.model ?? chosenModel ?? undefined });
+    // provenance: every answer says where it came from (model, software, request), so that the
+    // view's exports can (views ignore the field; job results carry it anyway).
+    init.body = JSON.stringify({ ...body, model: body.model ?? chosenModel ?? undefined, provenance: true });
   }
   let response;
   try {

@@ -4,7 +4,7 @@ import { attentionView } from "./attention.js";
 import { attributionView } from "./attribution.js";
 import { compareModels, compareView } from "./compare.js";
 import { $, make, options, range } from "./dom.js";
-import { saveJSON, savePNG, saveSVG } from "./export.js";
+import { provenanceOf, saveJSON, savePNG, saveSVG } from "./export.js";
 import { headsView } from "./heads.js";
 import { lensView } from "./lens.js";
 import { patchingView } from "./patching.js";
@@ -174,9 +174,9 @@ function selectTab(tab) {
 }
 
 const FORMATS = {
-  png: (view) => savePNG(view.figure, `${view.name()}.png`),
-  svg: (view) => saveSVG(view.figure, `${view.name()}.svg`),
-  json: (view) => saveJSON(view.data, `${view.name()}.json`),
+  png: (view) => savePNG(view.figure, provenanceOf(view.data), `${view.name()}.png`),
+  svg: (view) => saveSVG(view.figure, provenanceOf(view.data), `${view.name()}.svg`),
+  json: (view) => saveJSON(view.name(), view.data, `${view.name()}.json`),
 };
 
 // The one way a tab is added: its tab button (arrow keys move between tabs), and what every

@@ -12,9 +12,12 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from werkzeug.serving import make_server
 
 from app import create_app
+from explorer.experiments.figures import read_provenance
+from tests import helpers
 from tests.helpers import CLEAN, CORRUPT, FACT, PAIR, TEXT, ok, running
 
 CHROMIUM = "/usr/bin/chromium"
@@ -262,19 +265,19 @@ def test_loading_indicator(page):
     assert page.locator("#panel-lens .loading").is_hidden()
 
 
+# What each view sends at first besides the text, for a text of n tokens (BOS included).
 @pytest.mark.parametrize("view, path, params", [
-    ("trajectories", "/trace", {}),
-    ("attention", "/attention", {"layer": 0}),
-    ("lens", "/predict", {"top_k": 5}),  # position: the last token
-    ("heads", "/ablate", {"answer": " Mary", "distractor": " John"}),  # the view's defaults
+    ("trajectories", "/trace", lambda n: {"token_indices": list(range(1, n))}),  # the text's own tokens
+    ("attention", "/attention", lambda n: {"layer": 0, "head": None}),
+    ("lens", "/predict", lambda n: {"token_index": n - 1, "top_k": 5}),  # the last token
+    ("heads", "/ablate", lambda n: {"answer": " Mary", "distractor": " John", "method": "mean", "site": "heads"}),
 ])
 def test_exports(page, server, view, path, params):
     panel = open_view(page, view)
-    saved = download_exports(page, panel, f"export-{view}")
+    exported = download_exports(page, panel, f"export-{view}")
     text = page.input_value("#text")
-    if view == "lens":
-        params["token_index"] = len(api(server, "/tokenize", {"text": text})["tokens"]) - 1
-    assert json.loads(saved["json"]) == api(server, path, {"text": text, **params})
+    n = len(api(server, "/tokenize", {"text": text})["tokens"])
+    check_requests(server, exported, [(path, {"text": text, **params(n)})])
 
 
 def test_api_error_is_shown(page, server):
@@ -307,6 +310,18 @@ def test_stale_error_does_not_cover_a_newer_answer(page, server):
     page.wait_for_function("document.querySelector('#panel-lens').getAttribute('aria-busy') === 'false'")
     assert page.locator("#error").is_hidden()
     assert panel.locator(".lens-row").count() == server[1].get("/model").get_json()["n_layers"]
+
+
+def test_export_of_answers_without_provenance(page, server):
+    """A view whose data holds no provenance record still exports: no requests, the data itself."""
+    page.route("**/predict", lambda route: route.fulfill(
+        json={k: v for k, v in route.fetch().json().items() if k != "provenance"}))
+    panel = open_view(page, "lens")
+    exported = download_exports(page, panel, "export-lens-without-provenance")
+    text = page.input_value("#text")
+    n = len(api(server, "/tokenize", {"text": text})["tokens"])
+    assert exported["requests"] == []
+    assert exported["data"] == api(server, "/predict", {"text": text, "token_index": n - 1, "top_k": 5})
 
 
 # --- Heads view -----------------------------------------------------------------------------------
@@ -362,6 +377,9 @@ def test_heads_attribution_patching_and_scatter(page, server):
     # a scatter point reads the same head
     assert hover_text(page, panel.locator("circle.scatter-point").nth(n_heads + 1)) == tip
     screenshot(page, "heads-attribution")
+    exported = download_exports(page, panel, "export-heads-attribution")
+    check_requests(server, exported, [("/attribution_patch", {"clean": CLEAN, "corrupt": CORRUPT, "answer": " Mary",
+                                                              "distractor": " John", "site": "heads", "compare": True})])
     show_heads(page, panel, "patching")
     tip = hover_text(page, panel.locator("rect.head-cell").nth(n_heads + 1))
     assert tip.startswith("L1 H1: real patching") and numbers(tip)[-3] == pytest.approx(real, rel=1e-3)
@@ -396,6 +414,8 @@ def test_heads_chg_job_with_progress_and_taxonomy(page, server):
     assert tip.startswith("L0 H0: CHG gate") and result["taxonomy"][0][0] in tip
     assert numbers(tip)[-3] == pytest.approx(result["gates"]["toward_zero"][0][0], rel=1e-3)
     screenshot(page, "heads-chg")
+    exported = download_exports(page, panel, "export-heads-chg")  # the job's result
+    check_requests(server, exported, [("/jobs/chg", {"texts": [CLEAN], "targets": [" Mary"], "steps": 40})])
 
 
 def test_heads_chg_cancel(page, server):
@@ -417,19 +437,45 @@ def test_heads_ioi_example_fills_the_pair(page):
     assert page.input_value("#heads-corrupt") == CORRUPT and page.input_value("#heads-answer") == " Mary"
 # --- logit lens grid, surprisal chips, attribution --------------------------------------------
 
-def download_exports(page, panel, stem: str) -> dict[str, bytes]:
-    """Click a view's PNG, SVG and JSON downloads; check the image formats; return the bytes."""
-    saved = {}
+def download_exports(page, panel, stem: str) -> dict:
+    """Click a view's PNG, SVG and JSON downloads; check the formats: the JSON an explorer-result/1
+    named after the view, whose provenance records the PNG and SVG carry too. The JSON, parsed."""
+    saved, names = {}, set()
     for fmt in ("png", "svg", "json"):
         with page.expect_download() as download:
             panel.locator(f'.exports button[data-export="{fmt}"]').click()
         target = ARTIFACTS / f"{stem}.{fmt}"
         ARTIFACTS.mkdir(exist_ok=True)
         download.value.save_as(target)
-        saved[fmt] = target.read_bytes()
-    assert saved["png"].startswith(b"\x89PNG\r\n\x1a\n")
-    assert b"<svg" in saved["svg"][:200] and saved["svg"].rstrip().endswith(b"</svg>")
-    return saved
+        saved[fmt] = target
+        names.add(download.value.suggested_filename.rsplit(".", 1)[0])
+    assert saved["png"].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    Image.open(saved["png"]).verify()  # every chunk's CRC, the provenance chunk's included
+    svg = saved["svg"].read_bytes()
+    assert b"<svg" in svg[:200] and svg.rstrip().endswith(b"</svg>")
+    result = json.loads(saved["json"].read_text())
+    assert result["format"] == "explorer-result/1" and names == {result["view"]}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", result["created"])
+    assert [r["name"] for r in result["requests"]] == [f"{result['view']}-{i}" for i in range(len(result["requests"]))]
+    records = [r["provenance"] for r in result["requests"]]
+    assert read_provenance(saved["png"]) == read_provenance(saved["svg"]) == records
+    return result
+
+
+def check_requests(server, result: dict, sent: list[tuple[str, dict]]) -> None:
+    """A view's JSON export (`result`) lists the requests it `sent` (endpoint and body, "provenance"
+    aside), in order: each with the API's answer to that request asked again (without "async"; a
+    job-only endpoint's job result),
+    and the provenance of the answer the view got (this endpoint and body, the model it names or
+    the server's default)."""
+    default = server[1].get("/model").get_json()["name"]
+    assert [(r["endpoint"], r["provenance"]["request"]) for r in result["requests"]] == [
+        (path, {**body, "provenance": True}) for path, body in sent]
+    for r in result["requests"]:
+        assert r["request"] == {k: v for k, v in r["provenance"]["request"].items() if k not in ("provenance", "async")}
+        assert r["provenance"]["endpoint"] == r["endpoint"]
+        assert r["provenance"]["model"]["name"] == r["request"].get("model", default)
+        assert r["response"] == helpers.answer(server[1], r["endpoint"], r["request"])
 
 
 def show_token(token: str, limit: int) -> str:
@@ -549,11 +595,11 @@ def test_attribution(page, server):
 def test_exports_of_grid_and_attribution(page, server, view, path, params, setup):
     panel = open_view(page, view)
     redraw(page, panel, lambda: setup(page))
-    saved = download_exports(page, panel, f"export-{view}-{path.strip('/')}")
+    exported = download_exports(page, panel, f"export-{view}-{path.strip('/')}")
     text = page.input_value("#text")
     if view == "dla":
         params["position"] = len(api(server, "/tokenize", {"text": text})["tokens"]) - 1
-    assert json.loads(saved["json"]) == api(server, path, {"text": text, **params})
+    check_requests(server, exported, [(path, {"text": text, **params})])
 
 
 # --- Patching and causal tracing ------------------------------------------------------------------
@@ -588,7 +634,8 @@ def test_patching_resid_and_heads(page, server):
     page.on("request", lambda r: "/jobs/" in r.url and r.method == "GET" and polls.append(r.url))
     with page.expect_request("**/patch") as sent:
         run_view(page, "patching")  # resid_pre, denoise: the defaults
-    assert sent.value.post_data_json == {**PAIR, "site": "resid_pre", "direction": "denoise", "async": True}
+    assert sent.value.post_data_json == {**PAIR, "site": "resid_pre", "direction": "denoise", "async": True,
+                                         "provenance": True}
     assert polls  # the bar is fed by GET /jobs/{id}
     data = api(server, "/patch", {**PAIR, "site": "resid_pre"})
     n_layers, seq = len(data["recovery"]), len(data["recovery"][0])
@@ -684,12 +731,13 @@ def test_exports_of_causal_views(page, server, view):
     if view == "tracing":
         page.fill("#trace-samples", "2")
     run_view(page, view)
-    saved = download_exports(page, page.locator(f"#panel-{view}"), f"export-{view}")
-    if view == "patching":
-        assert json.loads(saved["json"]) == api(server, "/patch", {**PAIR, "site": "resid_pre"})
+    exported = download_exports(page, page.locator(f"#panel-{view}"), f"export-{view}")
+    if view == "patching":  # job results: the answers to "async" requests
+        sent = [("/patch", {**PAIR, "site": "resid_pre", "direction": "denoise", "async": True})]
     else:
-        assert json.loads(saved["json"]) == [api(server, "/causal_trace", {**FACT_BODY, "kind": k, "samples": 2})
-                                             for k in ("resid", "mlp", "attn")]
+        sent = [("/causal_trace", {**FACT_BODY, "answer": None, "kind": k, "samples": 2, "async": True})
+                for k in ("resid", "mlp", "attn")]
+    check_requests(server, exported, sent)
 
 
 def test_causal_tracing_error_is_shown(page, server):
@@ -708,11 +756,13 @@ def test_causal_tracing_error_is_shown(page, server):
 
 
 def model_fields(page, action) -> list:
-    """The "model" field (None when absent) of every POST body `action` makes the page send."""
+    """The "model" field (None when absent) of every POST body `action` makes the page send; each
+    body asks for its answer's provenance."""
     bodies: list = []
     page.on("request", lambda r: r.method == "POST" and bodies.append(json.loads(r.post_data or "{}")))
     action()
     page.wait_for_function("[...document.querySelectorAll('.panel, #tokens')].every(p => p.getAttribute('aria-busy') !== 'true')")
+    assert all(b.get("provenance") is True for b in bodies), bodies
     return [b.get("model") for b in bodies]
 
 
@@ -769,6 +819,12 @@ def test_compare_two_models_side_by_side(two_page, two_server):
     assert hover_text(page, right_cell).endswith(f"{attn['tiny-b']['attention_matrix'][2][1][1]:.4f}")
     left_cell = panel.locator("rect.cell").nth(n + 1)
     assert hover_text(page, left_cell).endswith(f"{attn['tiny-a']['attention_matrix'][2][1][1]:.4f}")
+    exported = download_exports(page, panel, "export-compare")
+    assert exported["view"] == "compare-tiny-a-tiny-b-L1-H2"
+    check_requests(two_server, exported, [
+        request for m in ("tiny-a", "tiny-b") for request in (
+            ("/lens", {"text": TEXT, "top_k": 5, "model": m}),
+            ("/attention", {"text": TEXT, "layer": 1, "head": None, "model": m}))])
     choose(page, panel, "#cmp-b", "tiny-a")  # the same model twice: identical columns
     assert cells.nth(0).locator("text").text_content() == cells.nth(n_layers * n_pos).locator("text").text_content()
     screenshot(page, "compare")
