@@ -280,6 +280,15 @@ def test_exports(page, server, view, path, params):
     check_requests(server, exported, [(path, {"text": text, **params(n)})])
 
 
+def test_a_viewer_export_replays(page, server, capsys):
+    """`python -m explorer replay` reads a viewer's JSON export: its answers match a fresh run."""
+    from explorer.experiments.cli import main
+
+    download_exports(page, open_view(page, "attention"), "export-replay")
+    assert main(["replay", str(ARTIFACTS / "export-replay.json"), "--device", "cpu"]) == 0
+    assert "MATCH    " in capsys.readouterr().out
+
+
 def test_api_error_is_shown(page, server):
     long_text = "word " * 100  # over the tiny model's 64-token context
     message = server[1].post("/tokenize", json={"text": long_text}).get_json()["error"]
