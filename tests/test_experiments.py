@@ -68,7 +68,11 @@ def test_each_example_writes_answers_provenance_config_and_figures(results, clie
         for figure in entry["figures"]:
             assert read_provenance(folder / figure) == [record]
     config = yaml.safe_load((folder / "config.yaml").read_text())
-    assert config["model"] == [str(tiny_dir)] and config["requests"] == spec["requests"]
+    assert config["model"] == [str(tiny_dir)] and len(config["requests"]) == len(spec["requests"])
+    for resolved, asked in zip(config["requests"], spec["requests"]):  # the file's fields and every default
+        fields = {f.alias or n for n, f in OPERATIONS[asked["endpoint"]].request.model_fields.items()}
+        assert set(resolved) == {"name", "endpoint"} | fields - {"provenance", "async"}
+        assert {**resolved, **asked} == resolved
     assert config["models"][str(tiny_dir)]["source"]["kind"] == "local"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Lowest first. `errors` is a leaf every floor may import; `plots` (notebook figures) reads only math.
 FLOORS = ["errors", "runtime", "math", "session", "operations", "web", "plots", "experiments"]
-ENTRY_POINTS = {"app", "model_utils"}  # above every floor: they assemble the server and the facade
+ENTRY_POINTS = {"app", "model_utils", "explorer.__main__"}  # above every floor: the server, facade, runner
 
 
 def module_name(path: Path) -> str:

@@ -1,6 +1,7 @@
 """`python -m explorer run EXPERIMENT.yaml`: a file of named requests run in-process through the
 server's own app, written as `OUT/<experiment>/<tag>/`: `result.json` (every request, its answer
-or error, and its provenance), `config.yaml` (the resolved configuration) and one PNG and SVG
+or error, and its provenance), `config.yaml` (the resolved configuration: models and their sources, flags, every request with
+its defaults filled in) and one PNG and SVG
 figure per request that `explorer/plots.py` can draw, each carrying its provenance.
 
 An experiment file:
@@ -31,7 +32,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from ..operations import OPERATIONS
+from ..errors import InvalidRequest
+from ..operations import OPERATIONS, parse
 from ..runtime.provenance import now
 from ..web.server import create_app, load_configured, model_config, model_names
 from .client import InProcess, Outcome, content, execute
@@ -133,6 +135,15 @@ def record(name: str, endpoint: str, body: dict[str, Any], outcome: Outcome) -> 
     return out
 
 
+def resolved_body(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with every field the endpoint has, defaults filled in (as given when it is invalid)."""
+    try:
+        parsed = parse(OPERATIONS[endpoint].request, content(body))
+    except InvalidRequest:
+        return body
+    return content(parsed.model_dump(by_alias=True))
+
+
 def run(args: argparse.Namespace) -> int:
     """The `run` command: 0 when every request succeeded, 1 when any failed, 2 for a bad file."""
     try:
@@ -174,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
                 "model": config["MODEL"], "random_weights": config["RANDOM_WEIGHTS"], "device": config["DEVICE"],
                 "dtype": config["DTYPE"], "device_map": config["DEVICE_MAP"],
                 "models": {m.name: m.describe() for m in models},
-                "requests": [{"name": r["name"], "endpoint": r["endpoint"], **r["body"]} for r in experiment.requests]}
+                "requests": [{"name": r["name"], "endpoint": r["endpoint"], **resolved_body(r["endpoint"], r["body"])}
+                             for r in experiment.requests]}
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     result = {"format": FORMAT, "experiment": experiment.name, "tag": tag, "created": now(), "requests": entries}
     (out / "result.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
