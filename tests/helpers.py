@@ -44,6 +44,7 @@ EVERY_ENDPOINT: list[tuple[str, dict]] = [
     ("/ablate", {"text": CLEAN, **TARGET, "method": "zero", "site": "mlp"}),
     ("/attribution_patch", {**PAIR, "site": "heads", "compare": True}),
     ("/attribution_patch", {"clean": CLEAN, "corrupt": CORRUPT, "answer": " Mary", "site": "resid_pre"}),
+    ("/generate", {"prompt": TEXT, "max_new_tokens": 4}),
     ("/jobs/chg", {"texts": [CLEAN, "When Tom and Anna went to the park, Anna gave a ball to"],
                    "targets": [" Mary", " Tom"], "steps": 3}),
 ]

@@ -37,6 +37,7 @@ CAUSAL_ONLY = [
     ("/causal_trace", {"text": CLEAN, "subject": "Mary and John"}),
     ("/ablate", {"text": CLEAN, "answer": " Mary"}),
     ("/attribution_patch", {**PAIR, "site": "heads"}),
+    ("/generate", {"prompt": TEXT}),
     ("/jobs/chg", {"texts": [CLEAN], "targets": [" Mary"]}),
 ]
 
@@ -340,6 +341,22 @@ def test_attribution_patch_matches_hf_autograd(fam):
     got = np.array(body["attribution"])
     np.testing.assert_allclose(got, want, atol=1e-4)
     fam.record("attribution_patch", float(np.abs(got - want).max()))
+
+
+@causal_families
+def test_generate_greedy_matches_hf_generate(fam):
+    """Greedy tokens equal HF `generate` (its KV cache, the family's position handling), and every
+    step's logprob equals an HF forward of the final sequence."""
+    answer = ok(fam.client.post("/generate", json={"prompt": TEXT, "max_new_tokens": 8, "alternatives": 3}))
+    prompt = [t["token_id"] for t in answer["prompt"]]
+    with torch.inference_mode():
+        expected = fam.hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0].tolist()
+        logprobs = fam.hf(torch.tensor([answer["token_ids"]])).logits[0].double().log_softmax(-1)
+    assert answer["token_ids"] == expected
+    worst = max(abs(s["logprob"] - float(logprobs[s["position"] - 1, s["token_id"]])) for s in answer["generated"])
+    fam.record("/generate", worst)
+    assert worst < 1e-4
 
 
 def metric_tensor(logits: torch.Tensor, ids: dict[str, int]) -> torch.Tensor:

@@ -139,6 +139,12 @@ class AsyncRequest(Request):
         "true: answer 202 {job} at once and compute in the background (GET /jobs/{job})."))
 
 
+class StreamRequest(AsyncRequest):
+    stream: StrictBool = Field(default=False, description=(
+        "true: answer text/event-stream: a `progress` event after every chunk of work as it happens "
+        "(for /generate: every token), then a `result` event with the answer (or an `error` event)."))
+
+
 class TargetFields(Request):
     """An answer token and an optional distractor (listed after the fields of the class it is mixed into)."""
 

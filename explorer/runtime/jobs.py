@@ -15,12 +15,13 @@ stops between chunks when its client is gone.
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Any, Callable, Generator
+from typing import Any, Callable, Generator, Iterator
 
 from ..errors import Cancelled, InvalidRequest, Overloaded
 from .engine import ModelWorker
@@ -38,7 +39,8 @@ Steps = Generator[Any, None, Any]
 class Job:
     """One unit of long work and what `GET /jobs/{id}` reports about it."""
 
-    def __init__(self, kind: str, steps: Steps, worker: ModelWorker) -> None:
+    def __init__(self, kind: str, steps: Steps, worker: ModelWorker,
+                 listener: Callable[[Any], None] | None = None) -> None:
         self.id = secrets.token_hex(8)
         self.kind = kind
         self.status = "queued"  # queued | running | cancelling | done | error | cancelled
@@ -51,6 +53,7 @@ class Job:
         self.done: Future[Any] = Future()
         self._steps = steps
         self._worker = worker
+        self._listener = listener  # told every update, on the worker thread (a stream's queue)
         self._cancel = threading.Event()
         self._lock = threading.Lock()
 
@@ -92,6 +95,8 @@ class Job:
             self.detail = {k: v for k, v in update.items() if k != "progress"}
         else:
             self.progress = float(update)
+        if self._listener is not None:
+            self._listener({"progress": round(self.progress, 4), **self.detail})
         self._worker.submit(self._step, bounded=False)
 
     def _finish(self, status: str, result: Any = None, error: str | None = None) -> None:
@@ -137,6 +142,41 @@ def stamped(steps: Steps, stamp: Callable[[], dict[str, Any]]) -> Steps:
     """`steps` whose result carries a `provenance` (`stamp()`, called once the result is done)."""
     result = yield from steps
     return {**result, "provenance": stamp()}
+
+
+class Stream:
+    """A synchronous request whose updates are sent as they happen (server-sent events): the
+    first chunk is queued at once (`Overloaded` when the queue is full, before any byte is sent);
+    `events()` yields ("progress", update) per chunk, then ("result", result) or ("error",
+    message). Closing it, or `gone()` turning true, cancels the work before its next chunk."""
+
+    def __init__(self, kind: str, steps: Steps, worker: ModelWorker, gone: Callable[[], bool] = lambda: False) -> None:
+        self._updates: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._gone = gone
+        self.job = Job(kind, steps, worker, listener=self._updates.put)
+        self.job.start()
+
+    def events(self) -> Iterator[tuple[str, Any]]:
+        try:
+            while True:
+                try:
+                    yield "progress", self._updates.get(timeout=POLL_SECONDS)
+                    continue
+                except queue.Empty:
+                    pass
+                if self.job.done.done() and self._updates.empty():
+                    break
+                if self._gone():
+                    self.job.cancel()
+            error = self.job.done.exception()
+            if error is None:
+                yield "result", self.job.done.result()
+            elif isinstance(error, InvalidRequest):
+                yield "error", str(error)
+            elif not isinstance(error, Cancelled):
+                yield "error", "internal error (details are in the server log)"
+        finally:
+            self.job.cancel()  # the client left mid-stream: stop before the next chunk
 
 
 class JobManager:

@@ -102,6 +102,15 @@ class LoadedModel:
         return tok.bos_token_id if getattr(self.cfg, "default_prepend_bos", True) else None
 
     @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The tokens that end a generation: the architecture's stop set where the bridge has one
+        (chat models' turn-end tokens), else the tokenizer's end-of-sequence token."""
+        ids = getattr(self.cfg, "eos_token_id", None)
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        return frozenset([] if ids is None else [ids] if isinstance(ids, int) else ids)
+
+    @property
     def prepends_bos(self) -> bool:
         return self.bos_token_id is not None
 

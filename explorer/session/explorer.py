@@ -79,6 +79,24 @@ class Explorer:
             strs = tok.batch_decode([[i] for i in ids])
         return tuple(ids), tuple(strs)
 
+    def given_ids(self, field: str, ids: Sequence[int]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Token ids given by the user, taken as they are (no special token added): each must be in
+        the vocabulary, and there must be 1 .. n_ctx of them; and each token's decoded string."""
+        d_vocab = int(self.cfg.d_vocab)
+        if not 1 <= len(ids) <= self.n_ctx:
+            raise InvalidRequest(f"{field} must hold between 1 and {self.n_ctx} (n_ctx) token ids, got {len(ids)}")
+        bad = next((i for i in ids if not 0 <= i < d_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"{field}[] must be token ids between 0 and {d_vocab - 1}, got {bad}")
+        with self._tokenizer_lock:
+            strs = self.model.tokenizer.batch_decode([[i] for i in ids])
+        return tuple(ids), tuple(strs)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, special tokens left out."""
+        with self._tokenizer_lock:
+            return self.model.tokenizer.decode(list(ids), skip_special_tokens=True)
+
     def text_positions(self, seq: int) -> range:
         """The positions of the text's own tokens in a tokenized text of length `seq`."""
         before, after = self.model.special_ids

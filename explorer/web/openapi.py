@@ -12,6 +12,7 @@ from pydantic.json_schema import models_json_schema
 from .. import __version__
 from ..math.forward import LENS_TOP_K
 from ..operations import OPERATIONS
+from ..operations.base import StreamRequest
 
 
 class ModelProvenance(BaseModel):
@@ -191,6 +192,9 @@ def build(info: dict[str, Any], version: str = __version__) -> dict[str, Any]:
             "requestBody": {"required": True, "content": content(op.request)},
             "responses": responses(op.response, POST_ERRORS, accepted=op.mode == "steps", job_only=op.mode == "job"),
         }}
+        if issubclass(op.request, StreamRequest):  # "stream": true
+            paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"] = {"schema": {
+                "type": "string", "description": "event: progress / result / error, each with one line of JSON data"}}
     for path, (resp, summary) in GETS.items():
         paths[path] = {"get": {"operationId": path.strip("/"), "summary": summary,
                                "responses": responses(resp, [])}}
