@@ -162,7 +162,7 @@ def test_stream_sends_every_token_then_the_answer(client):
 
 
 def test_stream_reports_an_error_as_an_event(client, monkeypatch):
-    def broken(self):
+    def broken(self, forced=None):
         raise RuntimeError("boom")
     monkeypatch.setattr(generation.Decoder, "step", broken)
     sent = events(client.post("/generate", json={"prompt": PROMPT, "stream": True}).data)
@@ -175,9 +175,9 @@ def slow_steps(monkeypatch) -> list[tuple[float, float]]:
     times: list[tuple[float, float]] = []
     step = generation.Decoder.step
 
-    def slow(self):
+    def slow(self, forced=None):
         start = time.monotonic()
-        out = step(self)
+        out = step(self, forced)
         time.sleep(0.3)
         times.append((start, time.monotonic()))
         return out
@@ -227,8 +227,10 @@ def test_other_requests_are_served_between_steps(app, slow_steps):
     long = threading.Thread(target=lambda: answers.append(
         client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 10}).status_code))
     long.start()
-    while not slow_steps:
+    deadline = time.monotonic() + 30
+    while not slow_steps and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert slow_steps, "the generation did not start"
     started = time.monotonic()
     assert client.post("/predict", json={"text": TEXT + " again", "token_index": 1}).status_code == 200
     waited = time.monotonic() - started

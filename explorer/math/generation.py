@@ -98,11 +98,14 @@ class Decoder:
             bridge.__dict__.pop("_last_hf_cache", None)
         return logits[0, -1].float()
 
-    def step(self) -> Step:
-        """Choose the next token and append it (one forward pass)."""
+    def step(self, forced: int | None = None) -> Step:
+        """Choose the next token (or take `forced`: the distribution of another sequence's prefix)
+        and append it (one forward pass)."""
         logits = self._logits()
         logprobs = logits.log_softmax(-1)
-        if self.sampling.do_sample:
+        if forced is not None:
+            token = forced
+        elif self.sampling.do_sample:
             probs = filtered(logits, self.sampling).softmax(-1).cpu()
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         else:

@@ -8,6 +8,7 @@ a response model is the shape `shape()` checks every answer against.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import UnionType
 from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union, get_args, get_origin
@@ -352,39 +353,71 @@ def _words(tp: Any, plural: bool = False) -> str:
         return "lists" if plural else f"a list of {_words(args[0], plural=True)}"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "objects" if plural else "an object"
     return _WORDS.get(tp, (str(tp), str(tp)))[plural]
 
 
-def _element(tp: Any) -> Any:
-    """The element type of a (possibly optional) list annotation."""
+def _models(tp: Any) -> list[type[BaseModel]]:
+    """The models an annotation may hold (through Optional, Union, Annotated)."""
     origin, args = get_origin(tp), get_args(tp)
     if origin is Annotated:
-        return _element(args[0])
+        return _models(args[0])
     if origin in (Union, UnionType):
-        return next(_element(a) for a in args if a is not type(None))
-    return args[0] if origin is list else tp
+        return [m for a in args for m in _models(a)]
+    return [tp] if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def _locate(model: type[BaseModel], loc: Sequence[Any]) -> tuple[str, Any, type[BaseModel]]:
+    """Follow an error's location through the models: its path as the user wrote it
+    (`steer[0].vector.positive`: list indices in brackets, a discriminated union's tag left out;
+    an element of a list of plain values as `token_indices[]`), the annotation found there, and
+    the model that holds the last field."""
+    path, tp, holder = "", model, model
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+            origin, args = get_origin(tp), get_args(tp)
+            while origin in (Annotated, Union, UnionType) and origin is not list:
+                tp = next(a for a in args if a is not type(None))
+                origin, args = get_origin(tp), get_args(tp)
+            tp = args[0] if origin is list and args else tp
+            continue
+        members = _models(tp)
+        if not members:  # a plain union's member label (`str`, `list[int]`): the field itself erred
+            break
+        tagged = [m for m in members if len(members) > 1 and m.model_fields.get("kind") is not None
+                  and get_args(m.model_fields["kind"].annotation) == (part,)]
+        if tagged:  # a discriminated union's tag: the member it chose, not a field
+            tp = tagged[0]
+            continue
+        owner = next((m for m in members if part in {f.alias or n for n, f in m.model_fields.items()}), None)
+        if owner is None:
+            return (f"{path}.{part}" if path else str(part)), None, members[0] if members else holder
+        holder = owner
+        info = next(f for n, f in owner.model_fields.items() if (f.alias or n) == part)
+        path, tp = (f"{path}.{part}" if path else str(part)), info.annotation
+    return re.sub(r"\[\d+\]$", "[]", path), tp, holder
 
 
 def parse(model: type[Request], body: Any) -> Any:
-    """Validate a decoded JSON body against `model`; raise `InvalidRequest` naming the field."""
+    """Validate a decoded JSON body against `model`; raise `InvalidRequest` naming the field
+    (its path, for a field inside a list or an object: `steer[0].vector.values`)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
         return model.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
-        name, kind = str(err["loc"][0]), err["type"]
-        element = any(isinstance(p, int) for p in err["loc"])
-        field = name + ("[]" if element else "")
-        info = next((f for n, f in model.model_fields.items() if (f.alias or n) == name), None)
+        kind = err["type"]
+        field, expected, holder = _locate(model, err["loc"])
         if kind == "missing":
             raise InvalidRequest(f"{field} is required") from None
-        if kind == "extra_forbidden" or info is None:
-            allowed = ", ".join(f.alias or n for n, f in model.model_fields.items())
+        if kind == "extra_forbidden" or (expected is None and kind != "union_tag_invalid"):
+            allowed = ", ".join(f.alias or n for n, f in holder.model_fields.items())
             raise InvalidRequest(f"unknown field {field!r}; allowed fields: {allowed}") from None
         if kind == "string_too_short":
             raise InvalidRequest(f"{field} must be a non-empty string") from None
         if kind.endswith("_type") or kind in ("int_from_float", "literal_error"):
-            expected = _element(info.annotation) if element else info.annotation
             raise InvalidRequest(f"{field} must be {_words(expected)}") from None
         raise InvalidRequest(f"{field}: {err['msg']}") from None

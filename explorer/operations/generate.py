@@ -2,21 +2,27 @@
 it chose, how sure it was (log-probability, entropy) and what else it considered."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
+import torch
+
 from ..errors import InvalidRequest
+from ..math import steering
 from ..math.generation import Decoder, Sampling, Step
 from ..math.steps import Steps
 from ..session import Explorer
 from . import precision
-from .base import Cost, StreamRequest, admit, check_count, check_seed, forward_work, operation, require_causal, shape
+from .base import (Cost, StreamRequest, admit, check_count, check_positions, check_seed, forward_work, operation,
+                   require_causal, shape)
+from .steering_vector import ActAddVector as ActAdd, Planned, SteerAddition, plan
 
 MAX_NEW_TOKENS = 1024
 MAX_ALTERNATIVES = 20
 MAX_STOP_STRINGS = 16
 MAX_TEMPERATURE = 100.0
+MAX_ADDITIONS = 8
 FINISH_REASONS = ("length", "eos", "stop")
 
 
@@ -40,6 +46,12 @@ class GenerateRequest(StreamRequest):
         f"{MAX_STOP_STRINGS} non-empty strings."))
     alternatives: StrictInt = Field(default=5, description=(
         f"The most likely tokens listed at every step, 0 .. {MAX_ALTERNATIVES}."))
+    steer: Optional[list[SteerAddition]] = Field(default=None, description=(
+        f"1 .. {MAX_ADDITIONS} vectors added to the residual stream at every forward pass (prompt and "
+        "every step), each at its layer, site and positions."))
+    compare: StrictBool = Field(default=False, description=(
+        "With steer: also the unsteered completion from the same seed, and per step the KL divergence "
+        "KL(steered || unsteered) of the next-token distributions on the steered sequence."))
 
 
 class Alternative(BaseModel):
@@ -64,8 +76,11 @@ class PromptToken(BaseModel):
     token_id: int
 
 
-class GenerateResponse(BaseModel):
+class Prompted(BaseModel):
     prompt: list[PromptToken]
+
+
+class Completion(BaseModel):
     generated: list[GeneratedToken]
     finish_reason: Literal["length", "eos", "stop"] = Field(description=(
         "length: max_new_tokens were generated; eos: the model wrote its end-of-sequence token "
@@ -73,6 +88,26 @@ class GenerateResponse(BaseModel):
     token_ids: list[int] = Field(description="The whole sequence: prompt, then the generated tokens.")
     text: str = Field(description="The whole sequence's text, special tokens left out.")
     completion: str = Field(description="The generated tokens' text, special tokens left out.")
+
+
+class SteeringApplied(BaseModel):
+    layer: int
+    site: str
+    kind: str
+    coefficient: float
+    unit: bool
+    positions: Union[str, list[int]] = Field(description='"all", "prompt", "generated", a list, or "first N" (actadd).')
+    norm: Union[float, list[float]] = Field(description="The added vector's norm (coefficient and unit applied; "
+                                                        "one per row for actadd).")
+
+
+class GenerateResponse(Completion, Prompted):  # prompt first, then the completion's fields
+    steering: Optional[list[SteeringApplied]] = Field(default=None, description="With steer: what was added.")
+    unsteered: Optional[Completion] = Field(default=None, description=(
+        "With compare: the completion without steering, from the same seed."))
+    kl: Optional[list[float]] = Field(default=None, description=(
+        "With compare: per generated step of the steered sequence, KL(steered || unsteered) of the two "
+        "next-token distributions at its prefix (nats, 6 decimals)."))
 
 
 def sampling(req: GenerateRequest) -> Sampling:
@@ -106,9 +141,61 @@ def token_json(ex: Explorer, position: int, step: Step) -> dict:
                              for i, p in zip(step.top_ids, step.top_probs)]}
 
 
+def where_added(planned: Planned, rows: int, prompt: int, total: int, index: int) -> tuple[Callable, Any]:
+    """`at(p)` of one addition (the row added at absolute position p, or None) and its description."""
+    spec = planned.spec
+    positions = spec.positions
+    if isinstance(spec.vector, ActAdd):
+        if positions is not None:
+            raise InvalidRequest(f"steer[{index}].positions: an actadd vector is added at the first positions, one "
+                                 "per row of its contrast; leave positions out")
+        return (lambda p: p if p < rows else None), f"first {rows}"
+    positions = positions or "all"
+    if positions == "all":
+        return (lambda p: 0), positions
+    if positions == "prompt":
+        return (lambda p: 0 if p < prompt else None), positions
+    if positions == "generated":
+        return (lambda p: 0 if p >= prompt else None), positions
+    chosen = set(check_positions(f"steer[{index}].positions", positions, total))
+    return (lambda p: 0 if p in chosen else None), sorted(chosen)
+
+
+class Writer:
+    """One completion being written: its decoder, its steps as answered, why it ended."""
+
+    def __init__(self, ex: Explorer, decoder: Decoder, eos: frozenset[int], stops: list[str]) -> None:
+        self.ex, self.decoder, self.eos, self.stops = ex, decoder, eos, stops
+        self.prompt = len(decoder.ids)
+        self.generated: list[dict] = []
+        self.reason: str | None = None
+        self.last: Step | None = None
+
+    def advance(self, forced: Optional[int] = None) -> dict:
+        step = self.last = self.decoder.step(forced)
+        event = token_json(self.ex, len(self.decoder.ids) - 1, step)
+        self.generated.append(event)
+        if step.token_id in self.eos:
+            self.reason = "eos"
+        elif self.stops and any(s in self.ex.decode(self.decoder.ids[self.prompt:]) for s in self.stops):
+            self.reason = "stop"
+        return event
+
+    def answer(self) -> dict:
+        ids = self.decoder.ids
+        return {"generated": self.generated, "finish_reason": self.reason or "length", "token_ids": ids,
+                "text": self.ex.decode(ids), "completion": self.ex.decode(ids[self.prompt:])}
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """KL(p || q) of two log-probability rows, in nats (0 log 0 = 0)."""
+    return float((p.exp() * (p - q)).nan_to_num().sum())
+
+
 @operation("/generate", GenerateRequest, GenerateResponse,
            "Generate a continuation token by token: each step's token, log-probability, entropy and "
-           "alternatives; streamed as server-sent events with \"stream\": true.", mode="steps")
+           "alternatives, optionally steered by vectors added to the residual stream; streamed as "
+           "server-sent events with \"stream\": true.", mode="steps")
 def generate(ex: Explorer, req: GenerateRequest) -> Steps:
     require_causal(ex, "POST /generate")
     ids, strs = prompt_ids(ex, req)
@@ -126,35 +213,62 @@ def generate(ex: Explorer, req: GenerateRequest) -> Steps:
         check_count("stop", stops, MAX_STOP_STRINGS, "strings")
         if not all(stops):
             raise InvalidRequest("stop must not contain an empty string")
-    n_layers, total = int(ex.cfg.n_layers), len(ids) + req.max_new_tokens
-    # the prompt's pass, then one position per new token; the KV cache is the memory that grows
-    kv_bytes = 2 * n_layers * total * int(ex.cfg.d_model) * 4
-    admit(ex, Cost(forward_work(n_layers, len(ids)) + req.max_new_tokens * n_layers, total, kv_bytes),
-          req.run_async, "ask for fewer new tokens or a shorter prompt")
+    if req.steer is not None:
+        check_count("steer", req.steer, MAX_ADDITIONS, "additions")
+    if req.compare and not req.steer:
+        raise InvalidRequest("compare needs steer: it sets the steered completion beside the unsteered one")
+    planned = [plan(ex, a, f"steer[{i}].") for i, a in enumerate(req.steer or [])]
+    total = len(ids) + req.max_new_tokens
+    for i, p in enumerate(planned):  # positions are checked now (actadd's rows are counted once built)
+        where_added(p, 1, len(ids), total, i)
+    n_layers = int(ex.cfg.n_layers)
+    # the prompt's pass, then one position per new token (three passes each when comparing), and
+    # the vectors' prompts; the KV caches are the memory that grows
+    passes = 3 if req.compare else 1
+    kv_bytes = passes * 2 * n_layers * total * int(ex.cfg.d_model) * 4
+    work = passes * (forward_work(n_layers, len(ids)) + req.max_new_tokens * n_layers) + sum(p.passes for p in planned)
+    admit(ex, Cost(work, total, kv_bytes), req.run_async, "ask for fewer new tokens or a shorter prompt")
     eos = ex.model.eos_token_ids
 
     def steps() -> Steps:
-        decoder = Decoder(ex.bridge, ids, settings, req.alternatives)
-        generated: list[dict] = []
-        reason = "length"
+        additions, applied = [], []
+        for i, p in enumerate(planned):
+            vector = yield from p.build()
+            rows = vector[None] if vector.dim() == 1 else vector
+            at, described = where_added(p, rows.shape[0], len(ids), total, i)
+            additions.append(steering.Addition(steering.hook_name(p.spec.layer, p.spec.site), rows.to(ex.cfg.device), at))
+            norms = rows.norm(dim=-1).tolist()
+            applied.append({"layer": p.spec.layer, "site": p.spec.site, "kind": p.spec.vector.kind,
+                            "coefficient": p.spec.coefficient, "unit": p.spec.unit, "positions": described,
+                            "norm": [precision.log_value(n) for n in norms] if vector.dim() == 2
+                            else precision.log_value(norms[0])})
+        steer = steering.steer(additions) if additions else None
+        main = Writer(ex, Decoder(ex.bridge, ids, settings, req.alternatives, steer), eos, stops)
+        plain = Writer(ex, Decoder(ex.bridge, ids, settings, req.alternatives), eos, stops) if req.compare else None
+        follow = Decoder(ex.bridge, ids, settings, 0) if req.compare else None  # unsteered, on the steered tokens
+        kl: list[float] = []
+        writers = [w for w in (main, plain) if w is not None]
         try:
             for k in range(req.max_new_tokens):
-                step = decoder.step()
-                event = token_json(ex, len(ids) + k, step)
-                generated.append(event)
-                if step.token_id in eos:
-                    reason = "eos"
-                elif stops and any(s in ex.decode(decoder.ids[len(ids):]) for s in stops):
-                    reason = "stop"
+                update: dict[str, Any] = {"progress": (k + 1) / req.max_new_tokens}
+                if main.reason is None:
+                    update["generated"], update["token"] = k + 1, main.advance()
+                    if follow is not None:
+                        kl.append(precision.log_value(kl_divergence(main.last.logprobs,
+                                                                    follow.step(main.last.token_id).logprobs)))
+                        update["kl"] = kl[-1]
+                if plain is not None and plain.reason is None:
+                    update["unsteered_token"] = plain.advance()
                 # one chunk per token: a streamed token is sent before the next one is computed
-                yield {"progress": (k + 1) / req.max_new_tokens, "generated": k + 1, "token": event}
-                if reason != "length":
+                yield update
+                if all(w.reason is not None for w in writers):
                     break
         finally:
-            decoder.close()
-        return shape(GenerateResponse,
+            for decoder in [w.decoder for w in writers] + ([follow] if follow else []):
+                decoder.close()
+        return shape(GenerateResponse, **main.answer(),
                      prompt=[{"index": i, "token": t, "token_id": d} for i, (d, t) in enumerate(zip(ids, strs))],
-                     generated=generated, finish_reason=reason, token_ids=decoder.ids,
-                     text=ex.decode(decoder.ids), completion=ex.decode(decoder.ids[len(ids):]))
+                     **({"steering": applied} if applied else {}),
+                     **({"unsteered": plain.answer(), "kl": kl} if plain else {}))
 
     return steps()

@@ -79,6 +79,11 @@ class Job:
             self.status = "running"
         try:
             update = next(self._steps)
+            if isinstance(update, dict):
+                self.progress = float(update.get("progress", self.progress))
+                self.detail = {k: v for k, v in update.items() if k != "progress"}
+            else:
+                self.progress = float(update)
         except StopIteration as stop:
             self.progress = 1.0
             self._finish("done", result=stop.value)
@@ -86,15 +91,10 @@ class Job:
         except InvalidRequest as exc:
             self._finish("error", error=str(exc))
             return
-        except Exception:
+        except Exception:  # a failed chunk, or an update that is no progress: the job ends, never hangs
             log.exception("job %s (%s) failed", self.id, self.kind)
             self._finish("error", error="internal error (details are in the server log)")
             return
-        if isinstance(update, dict):
-            self.progress = float(update.get("progress", self.progress))
-            self.detail = {k: v for k, v in update.items() if k != "progress"}
-        else:
-            self.progress = float(update)
         if self._listener is not None:
             self._listener({"progress": round(self.progress, 4), **self.detail})
         self._worker.submit(self._step, bounded=False)
