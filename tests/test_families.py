@@ -21,7 +21,7 @@ from app import create_app
 from explorer.runtime import loading
 from model_utils import load_model
 from tests.families import FAMILIES, build, hf_layers, hf_model, hf_readout
-from tests.helpers import TEXT, HFPatcher, block_outputs, ids_of, ok, wait_job
+from tests.helpers import TEXT, HFPatcher, block_outputs, hf_adding, ids_of, ok, wait_job
 
 pytestmark = pytest.mark.slow  # six model families, every endpoint
 
@@ -356,6 +356,26 @@ def test_generate_greedy_matches_hf_generate(fam):
     assert answer["token_ids"] == expected
     worst = max(abs(s["logprob"] - float(logprobs[s["position"] - 1, s["token_id"]])) for s in answer["generated"])
     fam.record("/generate", worst)
+    assert worst < 1e-4
+
+
+@causal_families
+def test_steering_matches_an_hf_hook(fam):
+    """A vector added at block 1's input on every pass of a generation equals HF with a forward
+    pre-hook adding it: each generated token is HF's greedy choice, with the same logprob."""
+    vector = torch.randn(fam.hf.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    answer = ok(fam.client.post("/generate", json={"prompt": TEXT, "max_new_tokens": 6, "steer": [
+        {"layer": 1, "vector": {"kind": "values", "values": vector.tolist()}, "coefficient": 3.0}]}))
+    ids = answer["token_ids"]
+    with hf_adding(fam.hf, 1, "resid_pre", 3.0 * vector[None].expand(len(ids), -1), list(range(len(ids)))), \
+            torch.inference_mode():
+        logprobs = fam.hf(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    worst = 0.0
+    for step in answer["generated"]:
+        row = logprobs[step["position"] - 1]
+        assert int(row.argmax()) == step["token_id"]
+        worst = max(worst, abs(step["logprob"] - float(row[step["token_id"]])))
+    fam.record("/generate steer", worst)
     assert worst < 1e-4
 
 

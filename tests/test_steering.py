@@ -5,37 +5,13 @@ is no steering at all; compare sets the unsteered completion beside the steered 
 of their next-token distributions."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-from tests.helpers import err, hf_layers, ok
+from tests.helpers import err, hf_adding, ok
 
 PROMPT = "I think that you are"
 LAYER = 1
-
-
-@contextlib.contextmanager
-def hf_adding(hf_model, layer: int, site: str, rows: torch.Tensor, positions: list[int]):
-    """HF with `rows[i]` added at `positions[i]` of block `layer`'s input (resid_pre) or output (resid_post)."""
-    block = hf_layers(hf_model)[layer]
-
-    def add(hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.clone()
-        for row, p in zip(rows, positions):
-            if p < hidden.shape[1]:
-                hidden[0, p] += row
-        return hidden
-    if site == "resid_pre":
-        handle = block.register_forward_pre_hook(lambda m, args: (add(args[0]),) + args[1:])
-    else:
-        handle = block.register_forward_hook(
-            lambda m, args, out: (add(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else add(out))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
