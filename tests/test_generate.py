@@ -236,3 +236,18 @@ def test_other_requests_are_served_between_steps(app, slow_steps):
     waited = time.monotonic() - started
     long.join(30)
     assert answers == [200] and waited < 2.0  # one step (0.3 s) and its own pass, not ten steps
+
+
+def test_watched_tokens_report_their_probability_at_every_step(client, hf_model):
+    answer = ok(client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 5, "watch": [" mat", 464]}))
+    with torch.inference_mode():
+        probs = hf_model(torch.tensor([answer["token_ids"]])).logits[0].double().softmax(-1)
+    mat = client.application.extensions["explorer"].encode(" mat")[0]
+    for step in answer["generated"]:
+        row = probs[step["position"] - 1]
+        assert [w["token_id"] for w in step["watched"]] == [mat, 464]
+        assert [w["probability"] for w in step["watched"]] == pytest.approx([float(row[mat]), float(row[464])],
+                                                                            rel=1e-4)
+    assert "watched" not in ok(client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 1}))["generated"][0]
+    assert err(client.post("/generate", json={"prompt": PROMPT, "watch": [" Eiffel Tower"]})).startswith(
+        "watch[0] ' Eiffel Tower' is 4 tokens")

@@ -14,8 +14,8 @@ from ..math.generation import Decoder, Sampling, Step
 from ..math.steps import Steps
 from ..session import Explorer
 from . import precision
-from .base import (Cost, StreamRequest, admit, check_count, check_positions, check_seed, forward_work, operation,
-                   require_causal, shape)
+from .base import (Cost, StreamRequest, TokenSpec, admit, check_count, check_positions, check_seed, forward_work,
+                   operation, require_causal, shape, token_id)
 from .steering_vector import ActAddVector as ActAdd, Planned, SteerAddition, plan
 
 MAX_NEW_TOKENS = 1024
@@ -23,6 +23,7 @@ MAX_ALTERNATIVES = 20
 MAX_STOP_STRINGS = 16
 MAX_TEMPERATURE = 100.0
 MAX_ADDITIONS = 8
+MAX_WATCHED = 16
 FINISH_REASONS = ("length", "eos", "stop")
 
 
@@ -46,6 +47,9 @@ class GenerateRequest(StreamRequest):
         f"{MAX_STOP_STRINGS} non-empty strings."))
     alternatives: StrictInt = Field(default=5, description=(
         f"The most likely tokens listed at every step, 0 .. {MAX_ALTERNATIVES}."))
+    watch: Optional[list[TokenSpec]] = Field(default=None, description=(
+        f"1 .. {MAX_WATCHED} tokens (one-token strings or ids) whose probability every step reports "
+        "(`watched`), e.g. a sentiment word while sweeping a steering coefficient."))
     steer: Optional[list[SteerAddition]] = Field(default=None, description=(
         f"1 .. {MAX_ADDITIONS} vectors added to the residual stream at every forward pass (prompt and "
         "every step), each at its layer, site and positions."))
@@ -68,6 +72,8 @@ class GeneratedToken(BaseModel):
                                        "(temperature 1, whatever the sampling temperature).")
     entropy: float = Field(description="Entropy of that distribution, in nats.")
     alternatives: list[Alternative] = Field(description="The most likely tokens of that distribution.")
+    watched: Optional[list[Alternative]] = Field(default=None, description=(
+        "With watch: each watched token's probability in that distribution."))
 
 
 class PromptToken(BaseModel):
@@ -133,12 +139,17 @@ def prompt_ids(ex: Explorer, req: GenerateRequest) -> tuple[tuple[int, ...], tup
     return ex.given_ids("prompt_ids", req.prompt_ids)
 
 
-def token_json(ex: Explorer, position: int, step: Step) -> dict:
+def token_json(ex: Explorer, position: int, step: Step, watch: list[int]) -> dict:
     vocab = ex.vocab_strs
-    return {"position": position, "token": vocab[step.token_id], "token_id": step.token_id,
-            "logprob": precision.log_value(step.logprob), "entropy": precision.log_value(step.entropy),
-            "alternatives": [{"token": vocab[i], "token_id": i, "probability": precision.probability(p)}
-                             for i, p in zip(step.top_ids, step.top_probs)]}
+
+    def listed(ids: list[int], probs: list[float]) -> list[dict]:
+        return [{"token": vocab[i], "token_id": i, "probability": precision.probability(p)} for i, p in zip(ids, probs)]
+    out = {"position": position, "token": vocab[step.token_id], "token_id": step.token_id,
+           "logprob": precision.log_value(step.logprob), "entropy": precision.log_value(step.entropy),
+           "alternatives": listed(step.top_ids, step.top_probs)}
+    if watch:
+        out["watched"] = listed(watch, step.logprobs[watch].exp().tolist())
+    return out
 
 
 def where_added(planned: Planned, rows: int, prompt: int, total: int, index: int) -> tuple[Callable, Any]:
@@ -164,8 +175,9 @@ def where_added(planned: Planned, rows: int, prompt: int, total: int, index: int
 class Writer:
     """One completion being written: its decoder, its steps as answered, why it ended."""
 
-    def __init__(self, ex: Explorer, decoder: Decoder, eos: frozenset[int], stops: list[str]) -> None:
-        self.ex, self.decoder, self.eos, self.stops = ex, decoder, eos, stops
+    def __init__(self, ex: Explorer, decoder: Decoder, eos: frozenset[int], stops: list[str],
+                 watch: list[int]) -> None:
+        self.ex, self.decoder, self.eos, self.stops, self.watch = ex, decoder, eos, stops, watch
         self.prompt = len(decoder.ids)
         self.generated: list[dict] = []
         self.reason: str | None = None
@@ -173,7 +185,7 @@ class Writer:
 
     def advance(self, forced: Optional[int] = None) -> dict:
         step = self.last = self.decoder.step(forced)
-        event = token_json(self.ex, len(self.decoder.ids) - 1, step)
+        event = token_json(self.ex, len(self.decoder.ids) - 1, step, self.watch)
         self.generated.append(event)
         if step.token_id in self.eos:
             self.reason = "eos"
@@ -213,6 +225,9 @@ def generate(ex: Explorer, req: GenerateRequest) -> Steps:
         check_count("stop", stops, MAX_STOP_STRINGS, "strings")
         if not all(stops):
             raise InvalidRequest("stop must not contain an empty string")
+    if req.watch is not None:
+        check_count("watch", req.watch, MAX_WATCHED, "tokens")
+    watch = [token_id(ex, f"watch[{i}]", t) for i, t in enumerate(req.watch or [])]
     if req.steer is not None:
         check_count("steer", req.steer, MAX_ADDITIONS, "additions")
     if req.compare and not req.steer:
@@ -243,8 +258,8 @@ def generate(ex: Explorer, req: GenerateRequest) -> Steps:
                             "norm": [precision.log_value(n) for n in norms] if vector.dim() == 2
                             else precision.log_value(norms[0])})
         steer = steering.steer(additions) if additions else None
-        main = Writer(ex, Decoder(ex.bridge, ids, settings, req.alternatives, steer), eos, stops)
-        plain = Writer(ex, Decoder(ex.bridge, ids, settings, req.alternatives), eos, stops) if req.compare else None
+        main = Writer(ex, Decoder(ex.bridge, ids, settings, req.alternatives, steer), eos, stops, watch)
+        plain = Writer(ex, Decoder(ex.bridge, ids, settings, req.alternatives), eos, stops, watch) if req.compare else None
         follow = Decoder(ex.bridge, ids, settings, 0) if req.compare else None  # unsteered, on the steered tokens
         kl: list[float] = []
         writers = [w for w in (main, plain) if w is not None]
