@@ -36,6 +36,13 @@ EXAMPLES = [
      {"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower", "answer": " Paris", "kind": "mlp",
       "samples": 4}),
     ("example15_models.json", "/models", None),
+    ("example16_generate.json", "/generate", {"prompt": "The Eiffel Tower is in the city of", "max_new_tokens": 8,
+                                              "alternatives": 3}),
+    ("example17_generate_steered.json", "/generate",
+     {"prompt": "I think that you are", "max_new_tokens": 6, "alternatives": 2, "compare": True,
+      "steer": [{"layer": 2, "vector": {"kind": "actadd", "positive": "Love", "negative": "Hate"}, "coefficient": 5}]}),
+    ("example18_steering_vector.json", "/steering_vector",
+     {"layer": 2, "vector": {"kind": "actadd", "positive": "Love", "negative": "Hate"}, "top_k": 5}),
 ]
 # Jobs: the file is the finished job (GET /jobs/{id}), the request the POST that started it.
 JOB_EXAMPLES = [
