@@ -24,19 +24,19 @@ function read(text) {
 }
 
 // The view (see app.js's TABS). Like jobs.js's jobView, a finished answer is kept (tab switches
-// and other texts only redraw it) and only Generate computes again; while the stream runs, the
-// view draws its partial answer (the page's tokens as the prompt) after every token. A cancelled
-// stream's data is that partial answer, finish_reason "cancelled".
+// and other texts only redraw it) and only Generate computes again, from the controls and text as
+// they are when it starts (at once, unless the text is still being analyzed); while the stream
+// runs, the view draws its partial answer (the page's tokens as the prompt) after every token. A
+// cancelled stream's data is that partial answer, finish_reason "cancelled".
 export function generateView(page) {
   const run = $("#gen-run"), cancel = $("#gen-cancel"), status = $("#gen-status");
-  const gen = { body: null, version: 0, done: null, pending: null, controller: null };
+  const gen = { wanted: false, version: 0, done: null, pending: null, controller: null };
   const samples = () => document.querySelectorAll("#panel-generate .sample-only")
     .forEach((n) => { n.hidden = $("#gen-mode").value !== "sample"; });
   $("#gen-mode").addEventListener("change", samples);
   samples();
   run.addEventListener("click", () => {
-    run.disabled = true;
-    gen.body = read(page.text());
+    gen.wanted = true;
     gen.version += 1;
     page.redraw();
   });
@@ -45,13 +45,14 @@ export function generateView(page) {
   const draw = (data, readout) => drawGeneration(data, readout, $("#gen-colour").value);
 
   function start() {
-    const { body, version } = gen;
+    const body = read(page.text()), version = gen.version;
     const partial = {
       prompt: page.tokens().map((t) => ({ index: t.index, token: t.token_str, token_id: t.token_id })),
       generated: [], ...(body.compare ? { unsteered: { generated: [] }, kl: [] } : {}),
     };
     const panel = $("#panel-generate");
     gen.controller = new AbortController();
+    run.disabled = true;
     cancel.disabled = false;
     status.textContent = "generating…";
     const onEvent = (kind, data) => {
@@ -79,7 +80,8 @@ export function generateView(page) {
         status.textContent = "failed: see the error above";
         throw err;  // to the page's error banner
       }).finally(() => {
-      gen.pending = gen.controller = gen.body = null;
+      gen.pending = gen.controller = null;
+      gen.wanted = false;
       run.disabled = false;
       cancel.disabled = true;
     });
@@ -90,7 +92,7 @@ export function generateView(page) {
     key: () => String(gen.version),
     request: () => {
       if (gen.done?.version === gen.version) return Promise.resolve(gen.done.data);
-      if (!gen.pending && !gen.body) {
+      if (!gen.pending && !gen.wanted) {
         status.textContent = "Press Generate to continue the text above.";
         return Promise.resolve(null);
       }

@@ -913,11 +913,15 @@ def test_generate_error_is_shown(page, server):
     assert error.is_hidden()
 
 
-def test_generate_export(page, server):
+def test_generate_sampled_export(page, server):
     analyze(page, TEXT)
-    panel = generate(page, 5)
+    page.click("#tab-generate")
+    page.select_option("#gen-mode", "sample")
+    panel = generate(page, 5, **{"gen-temperature": "0.8", "gen-seed": "3"})
     exported = download_exports(page, panel, "export-generate")
-    check_requests(server, exported, [("/generate", {"prompt": TEXT, "max_new_tokens": 5, "stream": True})])
+    body = {"prompt": TEXT, "max_new_tokens": 5, "do_sample": True, "temperature": 0.8, "seed": 3}
+    check_requests(server, exported, [("/generate", {**body, "stream": True})])  # replayed: the same tokens
+    assert shown_ids(panel, "gen-token") == [t["token_id"] for t in exported["requests"][0]["response"]["generated"]]
 
 
 def test_generate_steered_with_compare(page, server):
