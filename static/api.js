@@ -103,3 +103,44 @@ export const startPatch = (clean, corrupt, answer, distractor, site, direction) 
 // ROME causal tracing of one kind: resid | mlp | attn.
 export const startCausalTrace = (text, subject, answer, kind, samples) =>
   call("POST", "/causal_trace", { text, subject, answer: token(answer), kind, samples, async: true });
+
+// POST /generate with "stream": true: calls `onEvent(kind, data)` for each server-sent event
+// ("progress" per token, then "result") as it arrives, and resolves with the result's data. A
+// request refused before the stream starts (400) or an "error" event throws an ApiError; aborting
+// `signal` rejects with an AbortError, and the server, seeing the client leave, stops generating.
+export async function generateStream(body, onEvent, signal) {
+  const init = { method: "POST", signal, headers: { Accept: "text/event-stream", "Content-Type": "application/json" },
+                 body: JSON.stringify({ ...body, model: chosenModel ?? undefined, provenance: true, stream: true }) };
+  let response;
+  try {
+    response = await fetch("/generate", init);
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(`cannot reach the server (${err.message})`, 0);
+  }
+  if (!response.ok) {
+    const data = await response.json().catch(() => null);
+    throw new ApiError(data?.error ?? `HTTP ${response.status} ${response.statusText}`, response.status);
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    // Events are blank-line separated blocks of "field: value" lines; the last may be incomplete.
+    const blocks = buffer.split("\n\n");
+    buffer = blocks.pop();
+    for (const block of blocks) {
+      const fields = Object.fromEntries(block.split("\n").map((line) => {
+        const colon = line.indexOf(":");
+        return [line.slice(0, colon), line.slice(colon + 1).trimStart()];
+      }));
+      const data = JSON.parse(fields.data);
+      if (fields.event === "error") throw new ApiError(data.error, response.status);
+      onEvent(fields.event, data);
+      if (fields.event === "result") return data;
+    }
+  }
+  throw new ApiError("the stream ended without a result", response.status);
+}

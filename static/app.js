@@ -5,6 +5,7 @@ import { attributionView } from "./attribution.js";
 import { compareModels, compareView } from "./compare.js";
 import { $, make, options, range } from "./dom.js";
 import { provenanceOf, saveJSON, savePNG, saveSVG } from "./export.js";
+import { generateView } from "./generate.js";
 import { headsView } from "./heads.js";
 import { lensView } from "./lens.js";
 import { patchingView } from "./patching.js";
@@ -22,7 +23,7 @@ import { trajectoriesView } from "./trajectories.js";
 // and its module wires any other control of its panel when it makes it.
 const TABS = {
   trajectories: trajectoriesView, attention: attentionView, lens: lensView, heads: headsView,
-  dla: attributionView, patching: patchingView, tracing: tracingView, compare: compareView,
+  dla: attributionView, patching: patchingView, tracing: tracingView, generate: generateView, compare: compareView,
 };
 
 const state = { model: null, models: [], text: "", tokens: [], traced: new Set() };
@@ -234,6 +235,7 @@ function showModel(info) {
   $("#random-warning").hidden = !random;
   options($("#attn-layer"), range(info.n_layers, "L"), "0");
   options($("#attn-head"), range(info.n_heads, "H"), "0");
+  options($("#gen-layer"), range(info.n_layers, "L"), "0");
 }
 
 // Several models: the selector (every view asks the chosen one) and the Compare tab.

@@ -81,12 +81,12 @@ export async function savePNG(svg, records, filename, scale = 2) {
   save(pngWith(new Uint8Array(await blob.arrayBuffer()), records), filename);
 }
 
-// The view's answers, each as the request to send again (without "provenance" and "async", which
-// change the answer's form only), the response (without its provenance) and the provenance: what
+// The view's answers, each as the request to send again (without "provenance", "async" and
+// "stream", which change the answer's form only), the response (without its provenance) and the provenance: what
 // `python -m explorer replay` reads. A view whose data holds no answer saves that data instead.
 export function saveJSON(view, data, filename) {
   const requests = answersIn(data).map(({ provenance, ...response }, i) => ({
-    name: `${view}-${i}`, endpoint: provenance.endpoint, request: without(provenance.request, ["provenance", "async"]),
+    name: `${view}-${i}`, endpoint: provenance.endpoint, request: without(provenance.request, ["provenance", "async", "stream"]),
     response, provenance,
   }));
   const result = { format: "explorer-result/1", view, created: new Date().toISOString(), requests,

@@ -473,15 +473,16 @@ def download_exports(page, panel, stem: str) -> dict:
 
 def check_requests(server, result: dict, sent: list[tuple[str, dict]]) -> None:
     """A view's JSON export (`result`) lists the requests it `sent` (endpoint and body, "provenance"
-    aside), in order: each with the API's answer to that request asked again (without "async"; a
-    job-only endpoint's job result),
+    aside), in order: each with the API's answer to that request asked again (without "async" or
+    "stream"; a job-only endpoint's job result),
     and the provenance of the answer the view got (this endpoint and body, the model it names or
     the server's default)."""
     default = server[1].get("/model").get_json()["name"]
     assert [(r["endpoint"], r["provenance"]["request"]) for r in result["requests"]] == [
         (path, {**body, "provenance": True}) for path, body in sent]
     for r in result["requests"]:
-        assert r["request"] == {k: v for k, v in r["provenance"]["request"].items() if k not in ("provenance", "async")}
+        assert r["request"] == {k: v for k, v in r["provenance"]["request"].items()
+                                if k not in ("provenance", "async", "stream")}
         assert r["provenance"]["endpoint"] == r["endpoint"]
         assert r["provenance"]["model"]["name"] == r["request"].get("model", default)
         assert r["response"] == helpers.answer(server[1], r["endpoint"], r["request"])
@@ -779,7 +780,7 @@ def test_one_model_has_no_model_selector_or_compare(page):
     assert page.locator("#model-choice").is_hidden() and page.locator("#tab-compare").is_hidden()
     sent = model_fields(page, lambda: analyze(page, "One model only"))
     assert sent and set(sent) == {None}  # the original requests, without "model"
-    page.focus("#tab-tracing")  # the last visible tab
+    page.focus("#tab-generate")  # the last visible tab
     page.keyboard.press("ArrowRight")  # the hidden tab is skipped: wraps to the first
     assert page.get_attribute("#tab-trajectories", "aria-selected") == "true"
 
@@ -840,3 +841,100 @@ def test_compare_two_models_side_by_side(two_page, two_server):
     with page.expect_download() as download:
         panel.locator('[data-export="svg"]').click()
     assert download.value.suggested_filename == "compare-tiny-a-tiny-a-L1-H2.svg"
+
+
+# --- generate ----------------------------------------------------------------------------------
+
+def generate(page, max_new_tokens: int, **fields: str):
+    """Open the Generate view, fill its controls (`fields`: input id -> value), press Generate
+    and wait until the stream ended and the figure is drawn. The panel."""
+    page.click("#tab-generate")
+    page.fill("#gen-max", str(max_new_tokens))
+    for field, value in fields.items():
+        page.fill(f"#{field}", value)
+    page.click("#gen-run")
+    page.wait_for_function("document.querySelector('#gen-status').textContent.includes('finish:')")
+    page.wait_for_function("document.querySelector('#panel-generate').getAttribute('aria-busy') === 'false'")
+    return page.locator("#panel-generate")
+
+
+def shown_ids(panel, cls: str) -> list[int]:
+    return [int(i) for i in panel.locator(f"g.{cls}").evaluate_all("gs => gs.map(g => g.dataset.tokenId)")]
+
+
+def test_generate_streams_tokens(page, server):
+    analyze(page, TEXT)
+    page.click("#tab-generate")
+    page.fill("#gen-max", "12")
+    # The chip count of every figure drawn: one more chip each time a token streams in.
+    page.evaluate("""() => { window.counts = []; new MutationObserver((records) => records.forEach((r) =>
+        r.addedNodes.forEach((n) => window.counts.push(n.querySelectorAll('g.gen-token').length)))).observe(
+        document.querySelector('#panel-generate .figure-box'), {childList: true}); }""")
+    page.click("#gen-run")
+    page.wait_for_function("document.querySelector('#gen-status').textContent.includes('finish:')")
+    panel = page.locator("#panel-generate")
+    answer = api(server, "/generate", {"prompt": TEXT, "max_new_tokens": 12})
+    assert shown_ids(panel, "gen-token") == [t["token_id"] for t in answer["generated"]]  # greedy: the same
+    assert shown_ids(panel, "prompt-token") == [t["token_id"] for t in answer["prompt"]]
+    assert page.evaluate("window.counts")[:12] == list(range(1, 13))
+    first = answer["generated"][0]
+    tip = hover_text(page, panel.locator("g.gen-token").first)
+    logprob, entropy = map(float, re.search(r"logprob (\S+), entropy (\S+) nats", tip).groups())
+    assert json.dumps(first["token"]) in tip and json.dumps(first["alternatives"][1]["token"]) in tip
+    assert logprob == pytest.approx(first["logprob"], rel=1e-3) and entropy == pytest.approx(first["entropy"], rel=1e-3)
+    assert page.locator("#gen-status").inner_text() == "12 tokens, finish: length"
+    screenshot(page, "generate")
+
+
+def test_generate_cancel(page, server):
+    analyze(page, "a")
+    n = 64 - len(api(server, "/tokenize", {"text": "a"})["tokens"])  # the tiny model's whole context
+    page.click("#tab-generate")
+    page.fill("#gen-max", str(n))
+    page.click("#gen-run")
+    page.locator("#panel-generate g.gen-token").first.wait_for()
+    page.click("#gen-cancel")
+    page.wait_for_function("document.querySelector('#gen-status').textContent.startsWith('cancelled')")
+    shown = page.locator("#panel-generate g.gen-token").count()
+    assert 0 < shown < n and page.locator("#gen-status").inner_text() == f"cancelled after {shown} tokens"
+    assert not page.locator("#gen-run").is_disabled() and page.locator("#gen-cancel").is_disabled()
+
+
+def test_generate_error_is_shown(page, server):
+    message = server[1].post("/generate", json={"prompt": TEXT, "max_new_tokens": 0}).get_json()["error"]
+    page.click("#tab-generate")
+    page.fill("#gen-max", "0")
+    page.click("#gen-run")
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    assert error.inner_text() == message
+    assert page.locator("#gen-status").inner_text() == "failed: see the error above"
+    generate(page, 3)  # the next good run clears it
+    assert error.is_hidden()
+
+
+def test_generate_sampled_export(page, server):
+    analyze(page, TEXT)
+    page.click("#tab-generate")
+    page.select_option("#gen-mode", "sample")
+    panel = generate(page, 5, **{"gen-temperature": "0.8", "gen-seed": "3"})
+    exported = download_exports(page, panel, "export-generate")
+    body = {"prompt": TEXT, "max_new_tokens": 5, "do_sample": True, "temperature": 0.8, "seed": 3}
+    check_requests(server, exported, [("/generate", {**body, "stream": True})])  # replayed: the same tokens
+    assert shown_ids(panel, "gen-token") == [t["token_id"] for t in exported["requests"][0]["response"]["generated"]]
+
+
+def test_generate_steered_with_compare(page, server):
+    analyze(page, TEXT)
+    page.click("#tab-generate")
+    page.click("#gen-steer summary")
+    page.select_option("#gen-layer", "1")
+    panel = generate(page, 6, **{"gen-positive": "Love", "gen-negative": "Hate", "gen-coefficient": "50"})
+    steer = [{"layer": 1, "vector": {"kind": "actadd", "positive": "Love", "negative": "Hate"}, "coefficient": 50}]
+    answer = api(server, "/generate", {"prompt": TEXT, "max_new_tokens": 6, "steer": steer, "compare": True})
+    assert shown_ids(panel, "gen-token") == [t["token_id"] for t in answer["generated"]]
+    assert shown_ids(panel, "unsteered-token") == [t["token_id"] for t in answer["unsteered"]["generated"]]
+    assert panel.locator("rect.kl-cell").count() == len(answer["kl"]) == 6
+    assert numbers(hover_text(page, panel.locator("rect.kl-cell").last))[-1] == pytest.approx(answer["kl"][-1], rel=1e-3)
+    assert "steered at L1" in panel.locator("svg.figure").text_content()
+    screenshot(page, "generate-steered")
