@@ -29,7 +29,7 @@ from explorer.plots import (plot_attention_heatmap, plot_attribution_vs_patching
                             plot_head_grid, plot_lens_grid, plot_logit_lens, plot_patching, plot_target_trajectory,
                             plot_token_probabilities, plot_trajectories, project_2d)
 
-NOT_POSITIONAL = ("model", "provenance", "async", "stream")  # fields only ever given by name
+NOT_POSITIONAL = ("model", "provenance", "async", "stream", "token_ids")  # fields only ever given by name
 
 
 class Explorer(Session):

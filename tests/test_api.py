@@ -70,10 +70,13 @@ def err(resp, status: int) -> str:
 
 
 @pytest.mark.parametrize("path,body,needle", [
-    ("/tokenize", {}, "text is required"),
+    ("/tokenize", {}, "give either text or token_ids, not both and not neither"),
+    ("/tokenize", {"text": "a", "token_ids": [1]}, "give either text or token_ids"),
+    ("/predict", {"token_ids": [1, 99999], "token_index": 0}, "token_ids[] must be token ids between 0 and 50256, got 99999"),
+    ("/attention", {"token_ids": [], "layer": 0}, "token_ids must hold between 1 and 64 (n_ctx) token ids, got 0"),
     ("/tokenize", {"text": ""}, "text must be a non-empty string"),
     ("/tokenize", {"text": 5}, "text must be a string"),
-    ("/tokenize", {"text": None}, "text must be a string"),
+    ("/tokenize", {"text": None}, "give either text or token_ids"),  # null: as if left out
     ("/tokenize", {"text": LONG}, "at most 64"),
     ("/tokenize", {"text": "hi", "extra": 1}, "unknown field 'extra'"),
     ("/trace", {"text": TEXT, "token_indices": [1, 99]}, "token_indices[] must be between 0 and 6"),

@@ -251,3 +251,28 @@ def test_watched_tokens_report_their_probability_at_every_step(client, hf_model)
     assert "watched" not in ok(client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 1}))["generated"][0]
     assert err(client.post("/generate", json={"prompt": PROMPT, "watch": [" Eiffel Tower"]})).startswith(
         "watch[0] ' Eiffel Tower' is 4 tokens")
+
+
+def test_the_generated_sequence_is_cached_for_the_other_endpoints(client, hf_model):
+    """/generate's token_ids go to any endpoint as they are, answered from the run cached at idle
+    time, equal to a fresh forward of the unsteered model."""
+    answer = ok(client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 6, "steer": [
+        {"layer": 1, "vector": {"kind": "values", "values": [1.0] * 64}, "coefficient": 3}]}))
+    ids = answer["token_ids"]
+    ex = client.application.extensions["explorer"]
+    ex.worker.wait_idle(30)
+    deadline = time.monotonic() + 10
+    while ex.cache.get(("run", tuple(ids))) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    computed = ex.cache.stats()["computations"]
+    attention = ok(client.post("/attention", json={"token_ids": ids, "layer": 1}))  # compact: the run's patterns
+    assert ex.cache.stats()["computations"] == computed  # read from the cached run
+    with torch.inference_mode():
+        expected = hf_model(torch.tensor([ids]), output_attentions=True).attentions[1][0]
+    # compact precision (API.md): within 1e-3 x weight + 1e-7
+    assert torch.allclose(torch.tensor(attention["attention_matrix"], dtype=torch.float64), expected.double(),
+                          rtol=1e-3, atol=1e-7)
+    tokens = ok(client.post("/tokenize", json={"token_ids": ids}))["tokens"]
+    assert [t["token_id"] for t in tokens] == ids  # no BOS added in front of the prompt's own
+    by_text = ok(client.post("/predict", json={"text": PROMPT, "token_index": 3}))
+    assert ok(client.post("/predict", json={"token_ids": ids, "token_index": 3})) == by_text

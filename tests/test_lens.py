@@ -350,7 +350,7 @@ def test_dla_is_cached_per_position_and_target(tiny_model, calls, monkeypatch):
 # --- every 400 --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path,body,needle", [
-    ("/lens", {}, "text is required"),
+    ("/lens", {}, "give either text or token_ids, not both and not neither"),
     ("/lens", {"text": TEXT, "top_k": 0}, "top_k must be between 1 and 10, got 0"),
     ("/lens", {"text": TEXT, "top_k": 11}, "top_k must be between 1 and 10, got 11"),
     ("/lens", {"text": TEXT, "top_k": True}, "top_k"),

@@ -40,7 +40,7 @@ class AttentionResponse(BaseModel):
 def response_bytes(ex: Explorer, req: AttentionRequest) -> int:
     """About how many bytes the answer takes (the server refuses answers over its limit before
     building them)."""
-    seq = len(ex.tokens(req.text)[0])
+    seq = len(ex.tokens(req.source)[0])
     heads = 1 if req.head is not None else int(ex.cfg.n_heads)
     nonzero = seq * (seq + 1) // 2 if ex.model.causal else seq * seq  # a causal row sees no later key
     return heads * (nonzero * VALUE_BYTES[req.precision] + (seq * seq - nonzero) * ZERO_BYTES)
@@ -49,16 +49,16 @@ def response_bytes(ex: Explorer, req: AttentionRequest) -> int:
 @operation("/attention", AttentionRequest, AttentionResponse,
            "Attention pattern of one head, or of every head of a layer.", response_bytes=response_bytes)
 def attention(ex: Explorer, req: AttentionRequest) -> dict[str, Any]:
-    ids, strs = ex.tokens(req.text)
+    ids, strs = ex.tokens(req.source)
     layer, head = req.layer, req.head
     check_index("layer", layer, int(ex.cfg.n_layers))
     if head is not None:
         check_index("head", head, int(ex.cfg.n_heads))
     if req.precision == "full":
-        pattern = ex.cached(cache_key("pattern32", req.text, layer), lambda: layer_pattern(ex.bridge, ids, layer))
+        pattern = ex.cached(cache_key("pattern32", req.source, layer), lambda: layer_pattern(ex.bridge, ids, layer))
         matrix = pattern if head is None else pattern[head]
     else:
-        run = ex.run(req.text)
+        run = ex.run(req.source)
         matrix = precision.attention_weights(run.patterns[layer] if head is None else run.patterns[layer, head])
     return shape(AttentionResponse, attention_matrix=matrix, layer=layer, head=head,
                  n_heads=int(ex.cfg.n_heads), n_layers=int(ex.cfg.n_layers), tokens=list(strs))

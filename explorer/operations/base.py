@@ -129,10 +129,20 @@ class Request(BaseModel):
 
 
 class TextRequest(Request):
-    text: StrictStr = Field(min_length=1, description=(
+    text: Optional[StrictStr] = Field(default=None, min_length=1, description=(
         "Input text. Where the model uses one (GET /model: prepends_bos), BOS is prepended, so index 0 "
         "is BOS; otherwise index 0 is the text's first token. BERT: [CLS] text [SEP]. At most n_ctx "
-        "tokens, special tokens included."))
+        "tokens, special tokens included. Give text or token_ids."))
+    token_ids: Optional[list[StrictInt]] = Field(default=None, description=(
+        "The tokens instead of a text, taken as given: no BOS or other special token is added (e.g. "
+        "/generate's token_ids, which start with the prompt's BOS). 1 .. n_ctx ids in the vocabulary."))
+
+    @property
+    def source(self) -> str | tuple[int, ...]:
+        """What the request is about: its text, or its token ids (a tuple: a cache key of its own)."""
+        if (self.text is None) == (self.token_ids is None):
+            raise InvalidRequest("give either text or token_ids, not both and not neither")
+        return self.text if self.text is not None else tuple(self.token_ids)
 
 
 class AsyncRequest(Request):

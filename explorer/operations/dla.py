@@ -40,7 +40,7 @@ class DlaResponse(BaseModel):
            "Direct logit attribution: embedding, attention, MLP and head contributions to a metric.")
 def dla(ex: Explorer, req: DlaRequest) -> dict[str, Any]:
     require_causal(ex, "POST /dla")
-    text = req.text
+    text = req.source
     ids, strs = ex.tokens(text)
     position = len(ids) - 1 if req.position is None else req.position
     check_index("position", position, len(ids))

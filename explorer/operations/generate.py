@@ -12,7 +12,7 @@ from ..errors import InvalidRequest
 from ..math import steering
 from ..math.generation import Decoder, Sampling, Step
 from ..math.steps import Steps
-from ..session import Explorer
+from ..session import Explorer, cache_key
 from . import precision
 from .base import (Cost, StreamRequest, TokenSpec, admit, check_count, check_positions, check_seed, forward_work,
                    operation, require_causal, shape, token_id)
@@ -281,6 +281,10 @@ def generate(ex: Explorer, req: GenerateRequest) -> Steps:
         finally:
             for decoder in [w.decoder for w in writers] + ([follow] if follow else []):
                 decoder.close()
+        # the whole sequence's (unsteered) run, cached at idle time: the other endpoints then read
+        # `token_ids` from the cache, as any text
+        sequence = tuple(main.decoder.ids)
+        ex.worker.submit_idle(cache_key("run", sequence), lambda: ex.run(sequence))
         return shape(GenerateResponse, **main.answer(),
                      prompt=[{"index": i, "token": t, "token_id": d} for i, (d, t) in enumerate(zip(ids, strs))],
                      **({"steering": applied} if applied else {}),

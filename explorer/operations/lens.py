@@ -14,7 +14,7 @@ from ..errors import InvalidRequest
 from ..math import forward as fw
 from ..math.forward import Lens, Run
 from ..math.lens import TargetLens, crossover_layer, target_lens
-from ..session import Explorer, cache_key
+from ..session import Explorer, Text, cache_key
 from . import precision
 from .base import (OBJECTIVE_DOC, TextRequest, TokenSpec, check_positions, check_top_k, in_branch, objective,
                    operation, shape, token_id)
@@ -62,7 +62,7 @@ class LensResponse(BaseModel):
     target: Optional[LensTarget]
 
 
-def _target_at(ex: Explorer, text: str, run: Run, position: int, target: int) -> TargetLens:
+def _target_at(ex: Explorer, text: Text, run: Run, position: int, target: int) -> TargetLens:
     """On the worker: the target's lens at `position`, caching the position's `Lens` from the
     same readout when it is not cached yet."""
     logits = fw.lens_logits(ex.bridge, run, position)
@@ -74,7 +74,7 @@ def _target_at(ex: Explorer, text: str, run: Run, position: int, target: int) ->
 @operation("/lens", LensRequest, LensResponse,
            "Logit lens grid: every layer at every (or the given) position, with a target's trajectory.")
 def lens(ex: Explorer, req: LensRequest) -> dict[str, Any]:
-    text = req.text
+    text = req.source
     ids, strs = ex.tokens(text)
     seq = len(ids)
     positions = check_positions("positions", list(range(seq)) if req.positions is None else req.positions, seq)

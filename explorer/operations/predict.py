@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field, StrictInt
 
 from ..math import forward as fw
 from ..math.forward import LENS_TOP_K, Lens, Run
-from ..session import Explorer, cache_key
+from ..session import Explorer, Text, cache_key
 from . import precision
 from .base import OBJECTIVE_DOC, TextRequest, check_index, check_top_k, objective, operation, shape
 
@@ -43,7 +43,7 @@ class PredictResponse(BaseModel):
     predictions_by_layer: list[LayerPredictions]
 
 
-def lens_at(ex: Explorer, text: str, run: Run, position: int) -> Lens:
+def lens_at(ex: Explorer, text: Text, run: Run, position: int) -> Lens:
     """The cached `Lens` of `text` (whose run is `run`) at `position` (shared with /lens)."""
     return ex.cached(cache_key("lens", text, position), lambda: fw.lens_top_k(ex.bridge, run, position))
 
@@ -52,11 +52,11 @@ def lens_at(ex: Explorer, text: str, run: Run, position: int) -> Lens:
            "Logit lens: top-k next-token predictions at every layer for one position (an encoder: "
            "the masked-LM head's reading of the token at it).")
 def predict(ex: Explorer, req: PredictRequest) -> dict[str, Any]:
-    ids, strs = ex.tokens(req.text)
+    ids, strs = ex.tokens(req.source)
     check_index("token_index", req.token_index, len(ids))
     top_k = check_top_k(req.top_k, LENS_TOP_K, int(ex.cfg.d_vocab))
-    lens = lens_at(ex, req.text, ex.run(req.text), req.token_index)
-    _prefetch(ex, req.text, req.token_index, len(ids))
+    lens = lens_at(ex, req.source, ex.run(req.source), req.token_index)
+    _prefetch(ex, req.source, req.token_index, len(ids))
     vocab = ex.vocab_strs
     return shape(
         PredictResponse, token_index=req.token_index, token_str=strs[req.token_index], objective=objective(ex),
@@ -68,7 +68,7 @@ def predict(ex: Explorer, req: PredictRequest) -> dict[str, Any]:
             for layer in range(lens.probs.shape[0])])
 
 
-def _prefetch(ex: Explorer, text: str, position: int, seq: int) -> None:
+def _prefetch(ex: Explorer, text: Text, position: int, seq: int) -> None:
     """Queue idle-time lens computations for the positions nearest `position` not cached yet."""
     for p in sorted(range(seq), key=lambda p: (abs(p - position), p))[:PREFETCH_POSITIONS]:
         key = cache_key("lens", text, p)
@@ -76,7 +76,7 @@ def _prefetch(ex: Explorer, text: str, position: int, seq: int) -> None:
             ex.worker.submit_idle(key, lambda p=p, key=key: _fill(ex, text, p, key))
 
 
-def _fill(ex: Explorer, text: str, position: int, key: tuple) -> None:
+def _fill(ex: Explorer, text: Text, position: int, key: tuple) -> None:
     """Idle job: cache the lens at `position` unless it is there or the run was evicted."""
     run = ex.cache.get(cache_key("run", text))
     if run is not None and ex.cache.get(key) is None:

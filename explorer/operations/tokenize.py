@@ -23,6 +23,6 @@ class TokenizeResponse(BaseModel):
            "Token ids and strings (index 0 is BOS where GET /model's prepends_bos is true, else the "
            "text's first token).")
 def tokenize(ex: Explorer, req: TextRequest) -> dict[str, Any]:
-    ids, strs = ex.tokens(req.text)
+    ids, strs = ex.tokens(req.source)
     return shape(TokenizeResponse, tokens=[{"index": i, "token_id": t, "token_str": s}
                                            for i, (t, s) in enumerate(zip(ids, strs))])

@@ -39,15 +39,15 @@ class TraceResponse(BaseModel):
 @operation("/trace", TraceRequest, TraceResponse,
            "Residual-stream trajectories of tokens through every layer, in one shared 2D PCA.")
 def trace(ex: Explorer, req: TraceRequest) -> dict[str, Any]:
-    _, strs = ex.tokens(req.text)
+    _, strs = ex.tokens(req.source)
     seq, n_layers = len(strs), int(ex.cfg.n_layers)
     # default: the text's own tokens (not BOS or another special token), or position 0 if none
     indices = check_positions("token_indices", req.token_indices if req.token_indices is not None
                               else list(ex.text_positions(seq)) or [0], seq)
     if len(indices) * n_layers < 2:
         raise InvalidRequest("trace needs at least 2 points (tokens x layers) for a 2D PCA")
-    run = ex.run(req.text)
-    xy, explained = ex.cached(cache_key("trace", req.text, tuple(indices)), lambda: fw.trace_pca(run, indices))
+    run = ex.run(req.source)
+    xy, explained = ex.cached(cache_key("trace", req.source, tuple(indices)), lambda: fw.trace_pca(run, indices))
     return shape(
         TraceResponse,
         tokens=[{"index": i, "token_str": strs[i]} for i in indices],

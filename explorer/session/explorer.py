@@ -25,7 +25,11 @@ TOKENIZE_CACHE_ENTRIES = 512
 BATCH_TOKENS = 2048  # padded tokens per batched forward of several new texts; more run as further batches
 
 
-def cache_key(kind: str, text: str | tuple[int, ...], *detail: Hashable) -> tuple[Hashable, ...]:
+# What a request is about: a text (tokenized with the model's special tokens), or token ids as given.
+Text = str | tuple[int, ...]
+
+
+def cache_key(kind: str, text: Text, *detail: Hashable) -> tuple[Hashable, ...]:
     """The one shape of a cache key: what the entry is (`kind`: "run", "acts", "lens", ...; the
     list is in docs/architecture.md), the text (or token ids) it is about, then what else it
     depends on (a position, a layer, a target...). Entries of one text share its prefix."""
@@ -63,9 +67,12 @@ class Explorer:
 
     # --- tokens -------------------------------------------------------------------------------
 
-    def _tokens(self, text: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    def _tokens(self, text: Text) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """Token ids, with the special tokens the model expects around a text (`special_ids`:
-        BOS first where the model uses one; BERT's `[CLS] ... [SEP]`), and each token's decoded string."""
+        BOS first where the model uses one; BERT's `[CLS] ... [SEP]`), and each token's decoded
+        string. Token ids given instead of a text (a tuple) are taken as they are (`given_ids`)."""
+        if isinstance(text, tuple):
+            return self.given_ids("token_ids", text)
         if not text:
             raise InvalidRequest("text must be a non-empty string")
         tok = self.model.tokenizer
@@ -155,13 +162,13 @@ class Explorer:
 
     # --- runs ---------------------------------------------------------------------------------
 
-    def run(self, text: str) -> Run:
+    def run(self, text: Text) -> Run:
         """The cached forward pass of `text` (computed once, shared by every endpoint)."""
         ids, _ = self.tokens(text)
         return self.cached(cache_key("run", text), lambda: self._measured(lambda: fw.forward(self.bridge, ids),
                                                                           [len(ids)]))
 
-    def runs(self, texts: Sequence[str]) -> list[Run]:
+    def runs(self, texts: Sequence[Text]) -> list[Run]:
         """The cached runs of `texts`; those not cached yet are computed first in right-padded
         batches of at most BATCH_TOKENS tokens on the worker, and cached like any other run."""
         def fill() -> None:
@@ -177,7 +184,7 @@ class Explorer:
             self.call(fill)
         return [self.run(t) for t in texts]
 
-    def acts(self, text: str) -> replay.Acts:
+    def acts(self, text: Text) -> replay.Acts:
         """The cached activations of `text` for causal work (`replay.capture`)."""
         ids, _ = self.tokens(text)
         return self.cached(cache_key("acts", text),
