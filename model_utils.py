@@ -29,7 +29,7 @@ from explorer.plots import (plot_attention_heatmap, plot_attribution_vs_patching
                             plot_head_grid, plot_lens_grid, plot_logit_lens, plot_patching, plot_target_trajectory,
                             plot_token_probabilities, plot_trajectories, project_2d)
 
-NOT_POSITIONAL = ("model", "provenance", "async", "stream", "token_ids")  # fields only ever given by name
+NOT_POSITIONAL = ("model", "provenance", "async", "stream")  # fields only ever given by name (and every *_ids)
 
 
 class Explorer(Session):
@@ -43,7 +43,8 @@ class Explorer(Session):
         op = next((o for o in OPERATIONS.values() if o.kind == name), None)
         if op is None:
             raise InvalidRequest(f"no operation {name!r}; operations: {', '.join(o.kind for o in OPERATIONS.values())}")
-        names = [f.alias or n for n, f in op.request.model_fields.items() if (f.alias or n) not in NOT_POSITIONAL]
+        names = [f.alias or n for n, f in op.request.model_fields.items()
+                 if (f.alias or n) not in NOT_POSITIONAL and not n.endswith("_ids")]
         if len(args) > len(names):
             raise TypeError(f"{name}() takes at most {len(names)} positional arguments ({', '.join(names)})")
         body = {**dict(zip(names, args)), **fields}

@@ -7,22 +7,24 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, StrictStr
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from ..errors import InvalidRequest
 from ..math import heads, patching
 from ..math.replay import row_bytes
 from ..math.steps import Steps, scaled
 from ..session import Explorer
-from .base import (Cost, TargetRequest, TokenRef, admit, check_count, describe_target, each_text, forward_work,
-                   operation, parse_target, replay_work, require_causal, shape)
+from .base import (IDS_DOC, Cost, TargetRequest, TokenRef, admit, check_count, describe_target, each_text, forward_work,
+                   operation, parse_target, replay_work, require_causal, shape, source_of)
 
 SITES = {"heads": "heads", "attn": "attn_out", "mlp": "mlp_out"}  # -> the patching site
 MAX_REFERENCE_TEXTS = 64
 
 
 class AblateRequest(TargetRequest):
-    text: StrictStr = Field(min_length=1, description="The prompt; the metric is read after its last token.")
+    text: Optional[StrictStr] = Field(default=None, min_length=1, description=(
+        "The prompt; the metric is read after its last token."))
+    token_ids: Optional[list[StrictInt]] = Field(default=None, description=IDS_DOC.format(field="text"))
     method: Literal["mean", "zero"] = Field(default="mean", description=(
         "mean: replace the activation by its mean over every position of the reference texts; "
         "zero: by zeros."))
@@ -55,13 +57,14 @@ class AblateResponse(BaseModel):
 def ablate(ex: Explorer, req: AblateRequest) -> Steps:
     target = parse_target(ex, req.answer, req.distractor)
     require_causal(ex, "POST /ablate")
-    seq = len(ex.tokens(req.text)[0])
+    text = source_of(req.text, req.token_ids, "text", "token_ids")
+    seq = len(ex.tokens(text)[0])
     if req.reference_texts is not None:
         if req.method != "mean":
             raise InvalidRequest("reference_texts applies only to method 'mean' (zero ablation uses no reference)")
         check_count("reference_texts", req.reference_texts, MAX_REFERENCE_TEXTS)
         each_text(ex, "reference_texts", req.reference_texts)
-    references = None if req.method == "zero" else list(req.reference_texts or [req.text])
+    references = None if req.method == "zero" else list(req.reference_texts or [text])
     n_layers = int(ex.cfg.n_layers)
     passes = forward_work(n_layers, seq) + sum(forward_work(n_layers, len(ex.tokens(t)[0])) for t in references or [])
     cells = replay_work(n_layers, seq, int(ex.cfg.n_heads) if req.site == "heads" else 1)
@@ -85,7 +88,7 @@ def ablate(ex: Explorer, req: AblateRequest) -> Steps:
         values, positions = None, None
         if references is not None:
             values, positions = yield from scaled(means(), 0.0, share)
-        acts = ex.acts(req.text)
+        acts = ex.acts(text)
         baseline = np.float32(target.metric(patching.final_logits(ex.bridge, acts)).cpu())
         if req.site == "heads":
             cells = [patching.Cell(l, None, h) for l in range(n_layers) for h in range(n_heads)]
@@ -97,7 +100,7 @@ def ablate(ex: Explorer, req: AblateRequest) -> Steps:
         return shape(
             AblateResponse, site=req.site, method=req.method, metric=target.metric_name, baseline=baseline,
             effect=(metric - baseline).reshape((n_layers, n_heads) if req.site == "heads" else (n_layers,)),
-            tokens=list(ex.tokens(req.text)[1]), **describe_target(ex, target),
+            tokens=list(ex.tokens(text)[1]), **describe_target(ex, target),
             rows=[f"L{l}" for l in range(n_layers)],
             columns=[f"H{h}" for h in range(n_heads)] if req.site == "heads" else None,
             reference_texts=None if references is None else len(references), reference_positions=positions)

@@ -41,7 +41,7 @@ class AttributionPatchResponse(GridResponse):
            mode="steps")
 def attribution_patch(ex: Explorer, req: AttributionPatchRequest) -> Steps:
     target = prepare(ex, req, "POST /attribution_patch")
-    seq, n_layers = len(ex.tokens(req.clean)[0]), int(ex.cfg.n_layers)
+    seq, n_layers = len(ex.tokens(req.prompts[0])[0]), int(ex.cfg.n_layers)
     exact = cost(ex, req) if req.compare else Cost(2 * forward_work(n_layers, seq), seq, 0)
     # the backward pass keeps every block's activations of the base prompt
     admit(ex, Cost(exact.work + BACKWARD * forward_work(n_layers, seq), seq,

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from ..errors import InvalidRequest
 from ..math.target import Target
 from ..runtime import provenance
-from ..session import Explorer
+from ..session import Explorer, Text
 
 # A token given by the user: a string that must be exactly one token, or a token id.
 TokenSpec = Union[StrictStr, StrictInt]
@@ -138,11 +138,29 @@ class TextRequest(Request):
         "/generate's token_ids, which start with the prompt's BOS). 1 .. n_ctx ids in the vocabulary."))
 
     @property
-    def source(self) -> str | tuple[int, ...]:
-        """What the request is about: its text, or its token ids (a tuple: a cache key of its own)."""
-        if (self.text is None) == (self.token_ids is None):
-            raise InvalidRequest("give either text or token_ids, not both and not neither")
-        return self.text if self.text is not None else tuple(self.token_ids)
+    def source(self) -> Text:
+        return source_of(self.text, self.token_ids, "text", "token_ids")
+
+
+def source_of(text: str | None, ids: Sequence[int] | None, text_field: str, ids_field: str) -> Text:
+    """What a request is about: its text, or its token ids (a tuple: a cache key of its own);
+    400 unless exactly one of the two fields is given."""
+    if (text is None) == (ids is None):
+        raise InvalidRequest(f"give either {text_field} or {ids_field}, not both and not neither")
+    return text if text is not None else tuple(ids)
+
+
+# A text of a list: a string, or its token ids as given (a list of ints).
+TextOrIds = Union[StrictStr, list[StrictInt]]
+
+
+def as_texts(texts: Sequence[str | Sequence[int]]) -> list[Text]:
+    """A list of texts with token-id lists as tuples (`Text`: a cache key of their own)."""
+    return [t if isinstance(t, str) else tuple(t) for t in texts]
+
+
+IDS_DOC = ("instead of {field}: its token ids, taken as given (no BOS or other special token is added), "
+           "e.g. /generate's token_ids; 1 .. n_ctx ids in the vocabulary.")
 
 
 class AsyncRequest(Request):
@@ -264,7 +282,7 @@ def check_count(name: str, items: Sequence[Any], most: int, what: str = "texts")
         raise InvalidRequest(f"{name} must hold between 1 and {most} {what}, got {len(items)}")
 
 
-def each_text(ex: Explorer, name: str, texts: Sequence[str],
+def each_text(ex: Explorer, name: str, texts: Sequence[Text],
               always_name: bool = True) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
     """Every text's tokens; an error names the text (`texts[2]: ...`), or with `always_name`
     False only when there are several."""
@@ -330,7 +348,7 @@ def describe_target(ex: Explorer, target: Target) -> dict[str, Any]:
     return {"answer": token_ref(ex, target.answer), "distractor": token_ref(ex, target.distractor)}
 
 
-def check_same_length(ex: Explorer, clean: str, corrupt: str) -> None:
+def check_same_length(ex: Explorer, clean: Text, corrupt: Text) -> None:
     """400 unless both prompts have the same number of tokens, naming both lengths and where they part."""
     (clean_ids, clean_strs), (corrupt_ids, corrupt_strs) = ex.tokens(clean), ex.tokens(corrupt)
     if len(clean_ids) == len(corrupt_ids):

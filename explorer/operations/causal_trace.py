@@ -2,6 +2,7 @@
 (`math.tracing`)."""
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Literal, Optional, Sequence, Union
 
@@ -15,9 +16,9 @@ from ..math.replay import row_bytes
 from ..math.patching import final_logits
 from ..math.steps import Steps
 from ..math.target import recovery
-from ..session import Explorer, cache_key
-from .base import (AsyncRequest, Cost, TokenRef, TokenSpec, admit, check_index, check_seed, forward_work, operation,
-                   replay_work, require_causal, shape, token_id, token_ref)
+from ..session import Explorer, Text, cache_key
+from .base import (IDS_DOC, AsyncRequest, Cost, TokenRef, TokenSpec, admit, check_index, check_seed, forward_work, operation,
+                   replay_work, require_causal, shape, source_of, token_id, token_ref)
 
 DEFAULT_SAMPLES = 10
 MAX_SAMPLES = 50
@@ -27,7 +28,10 @@ NOISE_TAILS = 8.0  # a draw's largest entries, in standard deviations, with a ma
 
 
 class CausalTraceRequest(AsyncRequest):
-    text: StrictStr = Field(min_length=1, description="The prompt, e.g. 'The Eiffel Tower is in the city of'.")
+    text: Optional[StrictStr] = Field(default=None, min_length=1, description=(
+        "The prompt, e.g. 'The Eiffel Tower is in the city of'."))
+    token_ids: Optional[list[StrictInt]] = Field(default=None, description=IDS_DOC.format(field="text") + (
+        " A subject string is then found in the tokens' decoded strings, joined."))
     subject: Union[StrictStr, list[StrictInt]] = Field(description=(
         "The subject to corrupt: a substring of text occurring once (every token overlapping it), "
         "or a list of token positions."))
@@ -46,6 +50,10 @@ class CausalTraceRequest(AsyncRequest):
     window: Optional[StrictInt] = Field(default=None, description=(
         "Layers restored together for mlp/attn, 1 .. n_layers, clipped at the first and last layer; "
         f"default {DEFAULT_WINDOW} (ROME's), or n_layers if smaller."))
+
+    @property
+    def source(self) -> Text:
+        return source_of(self.text, self.token_ids, "text", "token_ids")
 
 
 class CausalTraceResponse(BaseModel):
@@ -72,10 +80,11 @@ def max_noise(ex: Explorer) -> float:
     return math.sqrt(torch.finfo(ex.cfg.dtype).max / int(ex.cfg.d_model)) / NOISE_TAILS
 
 
-def subject_positions(ex: Explorer, text: str, subject: str | Sequence[int]) -> list[int]:
-    """Token positions of the subject: a substring of `text` (every token overlapping it), or a
-    list of positions. 400 if absent, ambiguous, empty or out of range."""
-    ids, _ = ex.tokens(text)
+def subject_positions(ex: Explorer, text: Text, subject: str | Sequence[int]) -> list[int]:
+    """Token positions of the subject: a substring of `text` (every token overlapping it; for
+    token ids, of their decoded strings joined), or a list of positions. 400 if absent,
+    ambiguous, empty or out of range."""
+    ids, strs = ex.tokens(text)
     if not isinstance(subject, str):
         if not subject:
             raise InvalidRequest("subject must not be an empty list")
@@ -86,14 +95,18 @@ def subject_positions(ex: Explorer, text: str, subject: str | Sequence[int]) -> 
         return sorted(subject)
     if not subject:
         raise InvalidRequest("subject must be a non-empty substring of text or a list of token positions")
-    found = text.count(subject)
+    if isinstance(text, tuple):  # each token's span in its decoded strings, joined
+        ends = list(itertools.accumulate(len(s) for s in strs))
+        offsets, written = list(zip([0] + ends[:-1], ends)), "".join(strs)
+    else:
+        offsets, written = ex.offsets(text), text
+    found = written.count(subject)
     if found != 1:
         raise InvalidRequest(f"subject {subject!r} occurs {found} times in text; it must occur exactly "
                              "once, or give its token positions as a list")
-    begin = text.index(subject)
+    begin = written.index(subject)
     end = begin + len(subject)
-    offsets = ex.offsets(text)
-    first = len(ids) - len(offsets)  # BOS, when the model prepends one
+    first = len(ids) - len(offsets)  # BOS, when the model prepends one to a text
     return [first + i for i, (a, b) in enumerate(offsets) if a < end and b > begin]
 
 
@@ -111,7 +124,7 @@ def causal_trace(ex: Explorer, req: CausalTraceRequest) -> Steps:
         raise InvalidRequest(f"noise must be a positive number at most {max_noise(ex):.3g} (beyond it the norms, "
                              f"which square the noised embeddings, overflow {ex.model.dtype}), got {req.noise}")
     check_seed(req.seed)
-    positions = subject_positions(ex, req.text, req.subject)
+    positions = subject_positions(ex, req.source, req.subject)
     answer = None if req.answer is None else token_id(ex, "answer", req.answer)
     admit(ex, cost(ex, req, positions[0]), req.run_async, "use fewer samples or a shorter text")
     return _steps(ex, req, positions, answer, window)
@@ -120,7 +133,7 @@ def causal_trace(ex: Explorer, req: CausalTraceRequest) -> Steps:
 def cost(ex: Explorer, req: CausalTraceRequest, first: int) -> Cost:
     """The clean and noisy runs, and `samples` rows per cell from the first subject position on;
     the noisy runs (every block's input) are kept throughout beside one chunk's rows."""
-    seq, n_layers = len(ex.tokens(req.text)[0]), int(ex.cfg.n_layers)
+    seq, n_layers = len(ex.tokens(req.source)[0]), int(ex.cfg.n_layers)
     passes = forward_work(n_layers, seq) * (1 + req.samples)
     cells = replay_work(n_layers, seq, req.samples * (seq - first))
     return Cost(passes + cells, seq, noisy_bytes(ex, seq, req.samples) + req.samples * row_bytes(ex.cfg, seq))
@@ -133,7 +146,7 @@ def noisy_bytes(ex: Explorer, seq: int, samples: int) -> int:
 
 def _steps(ex: Explorer, req: CausalTraceRequest, positions: list[int], answer: int | None, window: int) -> Steps:
     bridge = ex.bridge
-    clean = ex.acts(req.text)
+    clean = ex.acts(req.source)
     clean_probs = final_logits(bridge, clean).float().softmax(-1)
     if answer is None:
         answer = int(clean_probs.argmax())
@@ -152,7 +165,7 @@ def _steps(ex: Explorer, req: CausalTraceRequest, positions: list[int], answer: 
                                              budget)
     rec, warning = recovery(scores, clean_prob, corrupt_prob)
     fields: dict[str, Any] = dict(
-        tokens=list(ex.tokens(req.text)[1]), subject_positions=positions, kind=req.kind,
+        tokens=list(ex.tokens(req.source)[1]), subject_positions=positions, kind=req.kind,
         answer=token_ref(ex, answer), clean_prob=clean_prob, corrupt_prob=corrupt_prob, scores=scores, recovery=rec,
         noise=scale, samples=req.samples, seed=req.seed, window=window if req.kind != "resid" else None)
     if warning:

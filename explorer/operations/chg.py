@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, StrictInt, StrictStr
+from pydantic import BaseModel, Field, StrictInt
 
 from ..errors import InvalidRequest
 from ..math import chg as gating
 from ..math.replay import row_bytes
 from ..math.steps import Steps
 from ..session import Explorer
-from .base import (Cost, Request, TokenRef, TokenSpec, admit, check_count, check_seed, each_text, forward_work,
+from .base import (Cost, Request, TextOrIds, TokenRef, TokenSpec, admit, as_texts, check_count, check_seed, each_text, forward_work,
                    operation, require_causal, shape, token_id, token_ref)
 
 DEFAULT_STEPS = 100
@@ -25,7 +25,8 @@ MAX_TEXTS = 64
 
 
 class ChgRequest(Request):
-    texts: list[StrictStr] = Field(description=f"The task's prompts, 1 .. {MAX_TEXTS}.")
+    texts: list[TextOrIds] = Field(description=(
+        f"The task's prompts, 1 .. {MAX_TEXTS}, each a string or its token ids as given (a list of ints)."))
     targets: list[TokenSpec] = Field(description=(
         "One answer per text: a string that is exactly one token (mind the leading space), or a token id."))
     steps: StrictInt = Field(default=DEFAULT_STEPS, description=(
@@ -71,7 +72,7 @@ def chg(ex: Explorer, req: ChgRequest) -> Steps:
     if not (np.isfinite(req.lam) and 0 <= req.lam <= MAX_LAMBDA):
         raise InvalidRequest(f"lambda must be between 0 and {MAX_LAMBDA}, got {req.lam}")
     check_seed(req.seed)
-    ids = [ids for ids, _ in each_text(ex, "texts", req.texts)]
+    ids = [ids for ids, _ in each_text(ex, "texts", as_texts(req.texts))]
     answers = [token_id(ex, f"targets[{i}]", t) for i, t in enumerate(req.targets)]
     n_layers, longest = int(ex.cfg.n_layers), max(map(len, ids))
     # per step and stage a forward and backward pass over every text (about three forward passes)

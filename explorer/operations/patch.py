@@ -6,29 +6,39 @@ from __future__ import annotations
 from typing import Any, Literal, NamedTuple, Optional, Union
 
 import numpy as np
-from pydantic import BaseModel, Field, StrictStr
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from ..math import patching
 from ..math.replay import Acts, row_bytes
 from ..math.steps import Steps
 from ..math.target import Target, recovery
-from ..session import Explorer
-from .base import (Cost, TargetRequest, TokenRef, admit, check_same_length, describe_target, forward_work,
-                   operation, parse_target, replay_work, require_causal, shape)
+from ..session import Explorer, Text
+from .base import (IDS_DOC, Cost, TargetRequest, TokenRef, admit, check_same_length, describe_target, forward_work,
+                   operation, parse_target, replay_work, require_causal, shape, source_of)
 
 Grid = Union[list[list[float]], list[list[list[float]]]]
 NARROW = "use shorter prompts, or a coarser site (heads instead of heads_by_position)"
 
 
 class PatchRequest(TargetRequest):
-    clean: StrictStr = Field(min_length=1, description="The clean prompt.")
-    corrupt: StrictStr = Field(min_length=1, description="The corrupt prompt; same token count as clean.")
+    clean: Optional[StrictStr] = Field(default=None, min_length=1, description="The clean prompt.")
+    corrupt: Optional[StrictStr] = Field(default=None, min_length=1, description=(
+        "The corrupt prompt; same token count as clean."))
+    clean_ids: Optional[list[StrictInt]] = Field(default=None, description=IDS_DOC.format(field="clean"))
+    corrupt_ids: Optional[list[StrictInt]] = Field(default=None, description=IDS_DOC.format(field="corrupt"))
+
     site: Literal["resid_pre", "attn_out", "mlp_out", "heads", "heads_by_position"] = Field(description=(
         "What one cell patches: the residual stream entering a block, a block's attention or MLP "
         "output (one layer at one position), one head's hook_z at every position (heads), or at "
         "one position (heads_by_position)."))
     direction: Literal["denoise", "noise"] = Field(default="denoise", description=(
         "denoise: run corrupt, patch in clean activations; noise: run clean, patch in corrupt."))
+
+    @property
+    def prompts(self) -> tuple[Text, Text]:
+        """The clean and corrupt prompts, each a text or token ids."""
+        return (source_of(self.clean, self.clean_ids, "clean", "clean_ids"),
+                source_of(self.corrupt, self.corrupt_ids, "corrupt", "corrupt_ids"))
 
 
 class GridResponse(BaseModel):
@@ -63,7 +73,7 @@ def grid_fields(ex: Explorer, req: PatchRequest, target: Target, clean_metric: n
     """The fields every clean/corrupt grid answer shares (`/patch`, `/attribution_patch`), with
     `grid` as the effect and its recovery."""
     rec, warning = recovery(grid, clean_metric, corrupt_metric)
-    tokens_clean, tokens_corrupt = list(ex.tokens(req.clean)[1]), list(ex.tokens(req.corrupt)[1])
+    tokens_clean, tokens_corrupt = list(ex.tokens(req.prompts[0])[1]), list(ex.tokens(req.prompts[1])[1])
     n_layers, n_heads = int(ex.cfg.n_layers), int(ex.cfg.n_heads)
     heads = req.site.startswith("heads")
     fields: dict[str, Any] = {
@@ -85,7 +95,7 @@ def prepare(ex: Explorer, req: PatchRequest, endpoint: str) -> Target:
     """Validate a clean/corrupt request (400s before any work starts); its target."""
     target = parse_target(ex, req.answer, req.distractor)
     require_causal(ex, endpoint)
-    check_same_length(ex, req.clean, req.corrupt)
+    check_same_length(ex, *req.prompts)
     return target
 
 
@@ -102,7 +112,7 @@ class Pair(NamedTuple):
 
 def pair(ex: Explorer, req: PatchRequest, target: Target) -> Pair:
     """The cached activations of both prompts, ordered by the request's direction, and their metrics."""
-    clean, corrupt = ex.acts(req.clean), ex.acts(req.corrupt)
+    clean, corrupt = (ex.acts(p) for p in req.prompts)
     clean_metric, corrupt_metric = patching.pair_metrics(ex.bridge, target, clean, corrupt)
     base_metric = corrupt_metric if req.direction == "denoise" else clean_metric
     return Pair(*patching.base_and_source(req.direction, clean, corrupt), clean_metric, corrupt_metric, base_metric)
@@ -112,7 +122,7 @@ def cost(ex: Explorer, req: PatchRequest) -> Cost:
     """Both prompts' forward passes and every cell replayed from its layer, but the cells at
     positions before the prompts first differ (in a causal model their patch changes nothing,
     and they are skipped); an upper bound."""
-    clean, corrupt = ex.tokens(req.clean)[0], ex.tokens(req.corrupt)[0]
+    clean, corrupt = (ex.tokens(p)[0] for p in req.prompts)
     seq = len(clean)
     differing = seq - next((i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b), seq)
     n_layers, n_heads = int(ex.cfg.n_layers), int(ex.cfg.n_heads)

@@ -15,9 +15,9 @@ from ..errors import InvalidRequest
 from ..math.forward import LENS_TOP_K
 from ..math.lens import READOUT_ROWS, Scores, batches, scores
 from ..math.replay import row_bytes
-from ..session import Explorer, cache_key
+from ..session import Explorer, Text, cache_key
 from . import precision
-from .base import (Cost, Request, admit, check_count, check_top_k, each_text, forward_work, in_branch, operation,
+from .base import (Cost, Request, TextOrIds, admit, as_texts, check_count, check_top_k, each_text, forward_work, in_branch, operation,
                    require_causal, shape)
 
 MAX_TEXTS = 16
@@ -25,14 +25,17 @@ TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-3, 1e3  # past these, softmax(logits / T) 
 
 
 class ScoreRequest(Request):
-    texts: Optional[list[StrictStr]] = Field(default=None, json_schema_extra=in_branch(
-        "array", minItems=1, maxItems=MAX_TEXTS, items={"type": "string", "minLength": 1}),
-        description=f"1 .. {MAX_TEXTS} texts, run as one padded batch; or give `text`.")
+    texts: Optional[list[TextOrIds]] = Field(default=None, json_schema_extra=in_branch(
+        "array", minItems=1, maxItems=MAX_TEXTS),
+        description=f"1 .. {MAX_TEXTS} texts, run as one padded batch, each a string or its token ids as "
+                    "given (a list of ints, no special token added); or give `text` or `token_ids`.")
     temperature: StrictFloat = Field(default=1.0, json_schema_extra={
         "minimum": TEMPERATURE_MIN, "maximum": TEMPERATURE_MAX},
         description="Temperature of `final` only (token_logprobs and perplexity are always at 1).")
     top_k: StrictInt = Field(default=5, description=f"Entries of `final`, 1 .. {LENS_TOP_K}.")
     text: Optional[StrictStr] = Field(default=None, min_length=1, description="One text (instead of `texts`).")
+    token_ids: Optional[list[StrictInt]] = Field(default=None, description="One text's token ids, taken as given "
+                                                                           "(instead of `texts`).")
 
 
 class ScoreToken(BaseModel):
@@ -68,7 +71,7 @@ def readout_bytes(ex: Explorer) -> int:
     return 2 * 4 * READOUT_ROWS * int(ex.cfg.d_vocab)
 
 
-def _scores(ex: Explorer, texts: Sequence[str]) -> list[Scores]:
+def _scores(ex: Explorer, texts: Sequence[Text]) -> list[Scores]:
     """The cached `Scores` of `texts`. Those not cached yet are run and read out in groups whose
     memory (`text_bytes`) fits the work budget together; a group's runs are let go (to the
     cache's bound) before the next group runs."""
@@ -86,9 +89,10 @@ def _scores(ex: Explorer, texts: Sequence[str]) -> list[Scores]:
 @operation("/score", ScoreRequest, ScoreResponse,
            "Token log-probabilities, perplexity and the next-token distribution of 1-16 texts.")
 def score(ex: Explorer, req: ScoreRequest) -> dict[str, Any]:
-    if (req.texts is None) == (req.text is None):
-        raise InvalidRequest(f"give exactly one of text (one text) and texts (a list of 1 .. {MAX_TEXTS} texts)")
-    texts = [req.text] if req.text is not None else list(req.texts or [])
+    if sum(f is not None for f in (req.texts, req.text, req.token_ids)) != 1:
+        raise InvalidRequest(f"give exactly one of text (one text), token_ids (one text's ids) and texts (a list "
+                             f"of 1 .. {MAX_TEXTS} texts)")
+    texts = as_texts(req.texts if req.texts is not None else [req.text if req.text is not None else req.token_ids])
     require_causal(ex, "POST /score")
     check_count("texts", texts, MAX_TEXTS)
     temperature = req.temperature
