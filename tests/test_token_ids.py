@@ -44,6 +44,9 @@ def test_lists_of_texts_take_ids_too(client):
     ids = [ids_of(client, t) for t in texts]
     assert answer(client, "/score", {"texts": [TEXT, ids[1]]}) == answer(client, "/score", {"texts": texts})
     assert answer(client, "/score", {"token_ids": ids[0]}) == answer(client, "/score", {"text": TEXT})
+    ablate = {"text": CLEAN, "answer": " Mary", "site": "mlp"}
+    assert answer(client, "/ablate", {**ablate, "reference_texts": [ids[0], TEXT + "!"]}) == \
+        answer(client, "/ablate", {**ablate, "reference_texts": [TEXT, TEXT + "!"]})
     chg = {"targets": [" mat", " Mary"], "steps": 2}
     assert answer(client, "/jobs/chg", {**chg, "texts": ids}) == answer(client, "/jobs/chg", {**chg, "texts": texts})
     assert err(client.post("/score", json={"text": TEXT, "token_ids": ids[0]})).startswith(

@@ -14,7 +14,7 @@ from ..math import heads, patching
 from ..math.replay import row_bytes
 from ..math.steps import Steps, scaled
 from ..session import Explorer
-from .base import (IDS_DOC, Cost, TargetRequest, TokenRef, admit, check_count, describe_target, each_text, forward_work,
+from .base import (IDS_DOC, Cost, TargetRequest, TextOrIds, as_texts, TokenRef, admit, check_count, describe_target, each_text, forward_work,
                    operation, parse_target, replay_work, require_causal, shape, source_of)
 
 SITES = {"heads": "heads", "attn": "attn_out", "mlp": "mlp_out"}  # -> the patching site
@@ -28,9 +28,9 @@ class AblateRequest(TargetRequest):
     method: Literal["mean", "zero"] = Field(default="mean", description=(
         "mean: replace the activation by its mean over every position of the reference texts; "
         "zero: by zeros."))
-    reference_texts: Optional[list[StrictStr]] = Field(default=None, description=(
-        f"Texts whose positions the mean is taken over (method mean only), 1 .. {MAX_REFERENCE_TEXTS}; "
-        "default: the request's own text."))
+    reference_texts: Optional[list[TextOrIds]] = Field(default=None, description=(
+        f"Texts whose positions the mean is taken over (method mean only), 1 .. {MAX_REFERENCE_TEXTS}, each a "
+        "string or its token ids as given; default: the request's own text."))
     site: Literal["heads", "attn", "mlp"] = Field(default="heads", description=(
         "heads: one head's hook_z at every position per cell; attn / mlp: one layer's attention or "
         "MLP output at every position per cell."))
@@ -63,8 +63,8 @@ def ablate(ex: Explorer, req: AblateRequest) -> Steps:
         if req.method != "mean":
             raise InvalidRequest("reference_texts applies only to method 'mean' (zero ablation uses no reference)")
         check_count("reference_texts", req.reference_texts, MAX_REFERENCE_TEXTS)
-        each_text(ex, "reference_texts", req.reference_texts)
-    references = None if req.method == "zero" else list(req.reference_texts or [text])
+        each_text(ex, "reference_texts", as_texts(req.reference_texts))
+    references = None if req.method == "zero" else as_texts(req.reference_texts or [text])
     n_layers = int(ex.cfg.n_layers)
     passes = forward_work(n_layers, seq) + sum(forward_work(n_layers, len(ex.tokens(t)[0])) for t in references or [])
     cells = replay_work(n_layers, seq, int(ex.cfg.n_heads) if req.site == "heads" else 1)
