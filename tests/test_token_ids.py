@@ -53,3 +53,14 @@ def test_lists_of_texts_take_ids_too(client):
         "give exactly one of text (one text), token_ids (one text's ids) and texts")
     assert err(client.post("/score", json={"texts": [[1, 99999]]})) == \
         "token_ids[] must be token ids between 0 and 50256, got 99999"
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/patch", {"clean_ids": [50256, 99999], "corrupt": "a", "answer": 1, "site": "heads"},
+     "clean_ids[] must be token ids between 0 and 50256, got 99999"),
+    ("/attribution_patch", {"clean": "a b", "corrupt_ids": [], "answer": 1, "site": "heads"},
+     "corrupt_ids must hold between 1 and 64 (n_ctx) token ids, got 0"),
+    ("/predict", {"token_ids": [99999], "token_index": 0}, "token_ids[] must be token ids between 0 and 50256"),
+])
+def test_bad_ids_are_named_by_their_field(client, path, body, message):
+    assert err(client.post(path, json=body)).startswith(message)

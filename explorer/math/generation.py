@@ -64,7 +64,6 @@ class Decoder:
                  steer: Steer | None = None) -> None:
         self.bridge = bridge
         self.ids = list(prompt)
-        self.prompt_length = len(prompt)
         self.sampling = sampling
         self.alternatives = alternatives
         self.steer = steer

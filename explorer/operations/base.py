@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from ..errors import InvalidRequest
 from ..math.target import Target
 from ..runtime import provenance
-from ..session import Explorer, Text
+from ..session import Explorer, Text, TokenIds
 
 # A token given by the user: a string that must be exactly one token, or a token id.
 TokenSpec = Union[StrictStr, StrictInt]
@@ -147,7 +147,7 @@ def source_of(text: str | None, ids: Sequence[int] | None, text_field: str, ids_
     400 unless exactly one of the two fields is given."""
     if (text is None) == (ids is None):
         raise InvalidRequest(f"give either {text_field} or {ids_field}, not both and not neither")
-    return text if text is not None else tuple(ids)
+    return text if text is not None else TokenIds(ids, ids_field)
 
 
 # A text of a list: a string, or its token ids as given (a list of ints).
@@ -406,7 +406,7 @@ def _locate(model: type[BaseModel], loc: Sequence[Any]) -> tuple[str, Any, type[
         if isinstance(part, int):
             path += f"[{part}]"
             origin, args = get_origin(tp), get_args(tp)
-            while origin in (Annotated, Union, UnionType) and origin is not list:
+            while origin in (Annotated, Union, UnionType):
                 tp = next(a for a in args if a is not type(None))
                 origin, args = get_origin(tp), get_args(tp)
             tp = args[0] if origin is list and args else tp

@@ -24,7 +24,6 @@ MAX_STOP_STRINGS = 16
 MAX_TEMPERATURE = 100.0
 MAX_ADDITIONS = 8
 MAX_WATCHED = 16
-FINISH_REASONS = ("length", "eos", "stop")
 
 
 class GenerateRequest(StreamRequest):

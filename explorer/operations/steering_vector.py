@@ -132,8 +132,8 @@ def plan(ex: Explorer, spec: VectorFields, where: str) -> Planned:
         space = ex.encode(" ")
         pad = space[0] if len(space) == 1 else int(ex.model.tokenizer.pad_token_id or 0)
         length = max(len(pos), len(neg))
-        pad_str = ex.vocab_strs[pad]
-        rows = [f"{(pos_strs + (pad_str,) * length)[i]} / {(neg_strs + (pad_str,) * length)[i]}" for i in range(length)]
+        padded = [strs + (ex.vocab_strs[pad],) * (length - len(strs)) for strs in (pos_strs, neg_strs)]
+        rows = [f"{p} / {n}" for p, n in zip(*padded)]
 
         def contrast() -> Steps:
             return finish(steering.actadd(bridge, pos, neg, pad, spec.layer, spec.site))

@@ -37,7 +37,6 @@ FAMILIES = {
     "BertForMaskedLM": "bert",
 }
 
-
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 DeviceMap = str | dict[str, str | int]
 
@@ -142,7 +141,6 @@ class LoadedModel:
             "path": self.path,
             "provenance": provenance.static(self.describe()),
         }
-
 
     def describe(self) -> dict[str, Any]:
         """The model part of an answer's provenance."""
@@ -293,7 +291,6 @@ def needs_token(exc: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
 
 
 def parse_max_memory(spec: str) -> dict[int | str, str]:

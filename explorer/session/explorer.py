@@ -25,6 +25,18 @@ TOKENIZE_CACHE_ENTRIES = 512
 BATCH_TOKENS = 2048  # padded tokens per batched forward of several new texts; more run as further batches
 
 
+class TokenIds(tuple):
+    """Token ids given instead of a text, and the request field they came from, which errors name.
+    Equal to the plain tuple and hashed as it, so cache keys do not depend on the field."""
+
+    field: str
+
+    def __new__(cls, ids: Sequence[int], field: str = "token_ids") -> "TokenIds":
+        out = super().__new__(cls, ids)
+        out.field = field
+        return out
+
+
 # What a request is about: a text (tokenized with the model's special tokens), or token ids as given.
 Text = str | tuple[int, ...]
 
@@ -72,7 +84,7 @@ class Explorer:
         BOS first where the model uses one; BERT's `[CLS] ... [SEP]`), and each token's decoded
         string. Token ids given instead of a text (a tuple) are taken as they are (`given_ids`)."""
         if isinstance(text, tuple):
-            return self.given_ids("token_ids", text)
+            return self.given_ids(getattr(text, "field", "token_ids"), text)
         if not text:
             raise InvalidRequest("text must be a non-empty string")
         tok = self.model.tokenizer
