@@ -9,7 +9,7 @@ import sys
 import time
 
 from explorer.runtime.engine import DEFAULT_CACHE_BYTES, DEFAULT_WORK_BYTES, tune_allocator
-from explorer.runtime.loading import route_library_logs
+from explorer.runtime.loading import ModelLoadError, route_library_logs
 from explorer.web.server import (DEFAULTS, add_model_arguments, create_app, load_configured, model_config,
                                  parse_model_arguments)
 
@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.cors_origins:
         config["CORS_ORIGINS"] = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
-    app = create_app(config, model=models)
+    try:
+        app = create_app(config, model=models)
+    except ModelLoadError as exc:  # an SAE that does not fit its model
+        print(f"\nerror: {exc}\n", file=sys.stderr)
+        return 1
     for ex in app.extensions["models"].by_name.values():
         ex.vocab_strs  # decode the vocabularies now, not on the first /predict
     from waitress import serve

@@ -2,6 +2,7 @@
 
     from model_utils import load_model, Explorer
     ex = Explorer(load_model("gpt2"))
+    ex.add_sae(load_sae("jbloom/GPT2-Small-SAEs-Reformatted:blocks.8.hook_resid_pre"))  # optional
     ex.predict("The cat sat on the mat", token_index=5, top_k=5)
     ex.patch(clean=..., corrupt=..., answer=" Mary", distractor=" John", site="heads")
 
@@ -23,6 +24,7 @@ from explorer.operations import OPERATIONS, Operation, parse
 from explorer.runtime.engine import ByteLRU, ModelWorker, tune_allocator
 from explorer.runtime.jobs import Job, JobManager, stamped
 from explorer.runtime.loading import LoadedModel, ModelLoadError, gpt2_tokenizer, load_model, random_gpt2
+from explorer.runtime.saes import SAE, load_sae, write_random_sae
 from explorer.session import Explorer as Session
 # Plotting (matplotlib is imported only when a plot function is called, never by the server).
 from explorer.plots import (plot_attention_heatmap, plot_attribution_vs_patching, plot_causal_trace, plot_dla,
@@ -85,7 +87,7 @@ for _op in OPERATIONS.values():
 __all__ = [
     "Acts", "ByteLRU", "Explorer", "InvalidRequest", "Job", "JobManager", "LENS_TOP_K", "LoadedModel",
     "ModelLoadError", "ModelWorker", "Overloaded", "Run", "Target", "capture", "forward", "gpt2_tokenizer",
-    "lens_top_k", "load_model", "pca_2d", "random_gpt2", "recovery", "run_rows", "trace_pca", "tune_allocator",
+    "lens_top_k", "load_model", "load_sae", "pca_2d", "random_gpt2", "SAE", "write_random_sae", "recovery", "run_rows", "trace_pca", "tune_allocator",
     "plot_attention_heatmap", "plot_attribution_vs_patching", "plot_causal_trace", "plot_dla", "plot_head_grid",
     "plot_lens_grid", "plot_logit_lens", "plot_patching", "plot_target_trajectory", "plot_token_probabilities",
     "plot_trajectories", "project_2d",

@@ -5,20 +5,23 @@ It knows nothing of requests or endpoints: the operations floor calls it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import threading
 import time
 from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 from ..errors import InvalidRequest
-from ..math import replay
+from ..math import replay, sae as sae_math
 from ..math import forward as fw
 from ..math.forward import Run
 from ..math.lens import batches
 from ..math.replay import Budget, position_flops
 from ..runtime.engine import (CPU_FLOPS, DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_WORK_BYTES, GPU_FLOPS,
                               ByteLRU, CacheBudget, ModelWorker, Throughput, result_within)
-from ..runtime.loading import LoadedModel
+from ..runtime.loading import LoadedModel, ModelLoadError
+from ..runtime.saes import SAE
 
 T = TypeVar("T")
 TOKENIZE_CACHE_ENTRIES = 512
@@ -64,6 +67,7 @@ class Explorer:
         # HF fast tokenizers mutate their backend's padding/truncation state on every call.
         self._tokenizer_lock = threading.Lock()
         self.tokens = functools.lru_cache(maxsize=TOKENIZE_CACHE_ENTRIES)(self._tokens)
+        self.saes: dict[str, SAE] = {}
 
     @property
     def cfg(self) -> Any:
@@ -196,6 +200,54 @@ class Explorer:
             self.call(fill)
         return [self.run(t) for t in texts]
 
+    def hook_activation(self, text: Text, hook: str) -> Any:
+        """The activation at `hook` [seq, ...] of `text`'s pass: read from the cached run for the
+        residual stream between blocks, else from a pass stopped at the hook (cached)."""
+        ids, _ = self.tokens(text)
+        layer = int(hook.split(".")[1])
+        if hook == fw.resid_hook(layer) or (hook == f"blocks.{layer}.hook_resid_pre" and layer > 0):
+            return self.run(text).resid[layer if hook.endswith("post") else layer - 1]
+        return self.cached(cache_key("hook", text, hook), lambda: sae_math.hook_activation(self.bridge, ids, hook))
+
+    # --- sparse autoencoders ------------------------------------------------------------------
+
+    def add_sae(self, sae: SAE) -> None:
+        """Serve `sae` on this model; `ModelLoadError` when its hook is not one of the model's, its
+        input width is not the hook's, or its name is taken."""
+        if sae.name in self.saes:
+            raise ModelLoadError(f"two SAEs on model {self.model.name!r} are named {sae.name!r}; give each a name=")
+        if sae.hook not in self.bridge.hook_dict or sae.layer >= int(self.cfg.n_layers):
+            raise ModelLoadError(f"SAE {sae.name!r} reads {sae.hook}, which model {self.model.name!r} does not have "
+                                 f"(it has {self.cfg.n_layers} layers; hooks look like blocks.0.hook_resid_pre)")
+        ids = [self.model.bos_token_id if self.model.bos_token_id is not None else 0]
+        shape = tuple(self.call(lambda: sae_math.hook_activation(self.bridge, ids, sae.hook)).shape[1:])
+        if sae.head is not None and not (len(shape) == 2 and 0 <= sae.head < shape[0]):
+            raise ModelLoadError(f"SAE {sae.name!r}: hook_head_index {sae.head} is not a head of {sae.hook} "
+                                 f"(activation shape {shape})")
+        width = math.prod(shape[1:] if sae.head is not None else shape)
+        if width != sae.d_in:
+            raise ModelLoadError(f"SAE {sae.name!r} has d_in {sae.d_in}, but {sae.hook} of model "
+                                 f"{self.model.name!r} is {width} wide; it was trained on another model or hook")
+        self.saes[sae.name] = dataclasses.replace(
+            sae, model=self.model.name, params={n: t.to(self.cfg.device) for n, t in sae.params.items()})
+
+    def info(self) -> dict[str, Any]:
+        """`GET /model`: the model's description and the SAEs it serves."""
+        return {**self.model.info(), "saes": [sae.info() for sae in self.saes.values()]}
+
+    def sae(self, name: str) -> SAE:
+        """The SAE `name`; 400 listing the SAEs this model serves otherwise."""
+        found = self.saes.get(name)
+        if found is None:
+            served = ", ".join(map(repr, self.saes)) or "none (start the server with --sae)"
+            raise InvalidRequest(f"sae {name!r} is not loaded on model {self.model.name!r}; loaded SAEs: {served}")
+        return found
+
+    def encoded(self, text: Text, sae: SAE) -> sae_math.Encoded:
+        """`text`'s features under `sae` and the reconstruction's quality (cached per text and SAE)."""
+        return self.cached(cache_key("features", text, sae.name),
+                           lambda: sae_math.encoded(sae, self.hook_activation(text, sae.hook)))
+
     def acts(self, text: Text) -> replay.Acts:
         """The cached activations of `text` for causal work (`replay.capture`)."""
         ids, _ = self.tokens(text)
@@ -226,4 +278,4 @@ class Models:
         return ex
 
     def describe(self) -> dict[str, Any]:
-        return {"default": self.default.model.name, "models": [ex.model.info() for ex in self.by_name.values()]}
+        return {"default": self.default.model.name, "models": [ex.info() for ex in self.by_name.values()]}

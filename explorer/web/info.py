@@ -26,12 +26,18 @@ def health() -> Response:
 
 @bp.get("/model")
 def model_info() -> Response:
-    return json_response(models().get(request.args.get("model")).model.info())
+    return json_response(models().get(request.args.get("model")).info())
 
 
 @bp.get("/models")
 def models_info() -> Response:
     return json_response(models().describe())
+
+
+@bp.get("/saes")
+def saes_info() -> Response:
+    """Every loaded SAE, of every model (each names its model)."""
+    return json_response({"saes": [sae.info() for ex in models().by_name.values() for sae in ex.saes.values()]})
 
 
 @bp.get("/openapi.json")

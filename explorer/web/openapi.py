@@ -13,6 +13,7 @@ from .. import __version__
 from ..math.forward import LENS_TOP_K
 from ..operations import OPERATIONS
 from ..operations.base import StreamRequest
+from ..operations.features import SaeInfo
 
 
 class ModelProvenance(BaseModel):
@@ -75,6 +76,7 @@ class ModelInfo(BaseModel):
     bos_token_id: Optional[int] = Field(description="The id of that start token; null when none.")
     provenance: StaticProvenance = Field(description=(
         "The part of every answer's provenance that this model fixes: its source and the software."))
+    saes: list[SaeInfo] = Field(description="The sparse autoencoders served on this model (--sae).")
 
 
 class CacheStats(BaseModel):
@@ -120,6 +122,10 @@ class JobStatus(BaseModel):
     error: Optional[str] = None
 
 
+class SaesResponse(BaseModel):
+    saes: list[SaeInfo] = Field(description="Every loaded SAE, each naming its model.")
+
+
 class Error(BaseModel):
     error: str
 
@@ -128,6 +134,7 @@ GETS: dict[str, tuple[type[BaseModel], str]] = {
     "/health": (Health, "Liveness; answers at once even while the model is busy."),
     "/model": (ModelInfo, "The default model's (or, with ?model=NAME, that model's) name, family, sizes and BOS convention."),
     "/models": (ModelsResponse, "Every loaded model; requests choose one with their `model` field."),
+    "/saes": (SaesResponse, "Every loaded sparse autoencoder: name, model, hook, layer, d_sae, architecture, source."),
 }
 ERRORS = {
     "400": "Invalid request: the error names the field and its allowed range.",

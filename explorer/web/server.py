@@ -21,6 +21,7 @@ from ..runtime.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_WO
 from ..runtime.jobs import JobManager
 from ..runtime.loading import (DEVICE_MAPS, LoadedModel, ModelLoadError, load_model, parse_max_memory,
                                resolve_device)
+from ..runtime.saes import SAE, load_sae
 from ..session import Explorer, Models
 from . import openapi
 from .common import UnsupportedType, error
@@ -47,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "WORK_BYTES": DEFAULT_WORK_BYTES,  # one request's working memory at once, beside the cache
     "QUEUE_SIZE": DEFAULT_QUEUE_SIZE,
     "CHECK_HOST": True,  # reject non-loopback Host headers (DNS rebinding); off for public binds
+    "SAES": [],  # --sae values (runtime.saes.Spec strings) or loaded `SAE`s, attached to their models
 }
 
 
@@ -93,6 +95,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory for weights --device-map offloads to disk [EXPLORER_OFFLOAD_DIR]")
     p.add_argument("--dtype", default=env("EXPLORER_DTYPE", "float32"),
                    choices=["float32", "bfloat16", "float16"], help="[EXPLORER_DTYPE] (default float32)")
+    p.add_argument("--sae", action="append", default=None,
+                   help="a sparse autoencoder to read features with: [name=N,][model=M,][hook=H,]LOCATION, where "
+                        "LOCATION is a SAELens directory (cfg.json + sae_weights.safetensors), a Gemma Scope "
+                        "params.npz, or repo_id:path/inside/repo on the Hugging Face hub; repeatable "
+                        "[EXPLORER_SAE, ';'-separated]")
 
 
 def parse_model_arguments(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -100,6 +107,8 @@ def parse_model_arguments(p: argparse.ArgumentParser, argv: list[str] | None) ->
     --model was given); a name given twice is a usage error."""
     args = p.parse_args(argv)
     args.model = model_names(args.model or os.environ.get("EXPLORER_MODEL", "gpt2"))
+    if args.sae is None:
+        args.sae = [s.strip() for s in os.environ.get("EXPLORER_SAE", "").split(";") if s.strip()]
     if len(set(args.model)) != len(args.model):
         p.error(f"--model names a model twice: {', '.join(args.model)}")
     return args
@@ -109,7 +118,8 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     """The app configuration the model flags give."""
     return {"MODEL": args.model,
             "RANDOM_WEIGHTS": args.random_weights, "DEVICE": args.device, "DTYPE": args.dtype,
-            "DEVICE_MAP": args.device_map, "MAX_MEMORY": args.max_memory, "OFFLOAD_DIR": args.offload_dir}
+            "DEVICE_MAP": args.device_map, "MAX_MEMORY": args.max_memory, "OFFLOAD_DIR": args.offload_dir,
+            "SAES": args.sae}
 
 
 def load_configured(config: dict[str, Any]) -> list[LoadedModel] | None:
@@ -122,6 +132,7 @@ def load_configured(config: dict[str, Any]) -> list[LoadedModel] | None:
         if isinstance(config["MAX_MEMORY"], str):
             config["MAX_MEMORY"] = parse_max_memory(config["MAX_MEMORY"])
         models = load_models(names, config)
+        config["SAES"] = [load_sae(spec) for spec in config.get("SAES", [])]
     except ModelLoadError as exc:
         print(f"\nerror: {exc}\n", file=sys.stderr)
         return None
@@ -132,7 +143,20 @@ def load_configured(config: dict[str, Any]) -> list[LoadedModel] | None:
         log.info("Loaded %s (%s, %s) on %s, dtype %s, in %.1f s: %d layers, %d heads, d_model %d, "
                  "vocab %d, n_ctx %d", model.name, model.family, weights, model.device, model.dtype,
                  model.load_seconds, cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_vocab, cfg.n_ctx)
+    for sae in config["SAES"]:
+        log.info("Loaded SAE %s (%s, %d features) reading %s", sae.name, sae.architecture, sae.d_sae, sae.hook)
     return models
+
+
+def attach_saes(models: Models, saes: Sequence[SAE | str]) -> None:
+    """Serve each SAE (loading those given as `--sae` strings) on the model it names (`model=`),
+    else the default model. `ModelLoadError` when one does not fit its model."""
+    for sae in saes:
+        sae = load_sae(sae) if isinstance(sae, str) else sae
+        if sae.model is not None and sae.model not in models.by_name:
+            raise ModelLoadError(f"SAE {sae.name!r} names model={sae.model}, which is not loaded; loaded: "
+                                 f"{', '.join(models.by_name)}")
+        models.get(sae.model).add_sae(sae)
 
 
 def create_app(config: dict[str, Any] | None = None,
@@ -151,6 +175,7 @@ def create_app(config: dict[str, Any] | None = None,
     budget = CacheBudget(app.config["CACHE_BYTES"])  # one bound for all models' caches
     models = Models([Explorer(m, queue_size=app.config["QUEUE_SIZE"], budget=budget,
                               work_bytes=app.config["WORK_BYTES"]) for m in loaded])
+    attach_saes(models, app.config["SAES"])
     app.extensions["models"] = models
     app.extensions["explorer"] = models.default
     app.extensions["jobs"] = JobManager()
