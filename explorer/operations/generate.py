@@ -250,9 +250,9 @@ def generate(ex: Explorer, req: GenerateRequest) -> Steps:
             vector = yield from p.build()
             rows = vector[None] if vector.dim() == 1 else vector
             at, described = where_added(p, rows.shape[0], len(ids), total, i)
-            additions.append(steering.Addition(steering.hook_name(p.spec.layer, p.spec.site), rows.to(ex.cfg.device), at))
+            additions.append(steering.Addition(steering.hook_name(p.layer, p.site), rows.to(ex.cfg.device), at))
             norms = rows.norm(dim=-1).tolist()
-            applied.append({"layer": p.spec.layer, "site": p.spec.site, "kind": p.spec.vector.kind,
+            applied.append({"layer": p.layer, "site": p.site, "kind": p.spec.vector.kind,
                             "coefficient": p.spec.coefficient, "unit": p.spec.unit, "positions": described,
                             "norm": [precision.log_value(n) for n in norms] if vector.dim() == 2
                             else precision.log_value(norms[0])})

@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ..errors import InvalidRequest
+from ..math import sae as sae_math
 from ..math import steering
 from ..math.steps import Steps
 from ..session import Explorer
@@ -44,19 +45,30 @@ class ValuesVector(BaseModel):
     values: list[float] = Field(description="d_model numbers.")
 
 
-Vector = Annotated[Union[ActAddVector, MeanDiffVector, ValuesVector], Field(discriminator="kind", description=(
-    'actadd: the residual of `positive` minus that of `negative`, position by position (the shorter '
-    'padded on the right with the space token); mean_diff: the mean last-position residual of the '
-    'positive texts minus that of the negative texts; values: given.'))]
+class FeatureVector(BaseModel):
+    model_config = STRICT
+    kind: Literal["feature"]
+    sae: StrictStr = Field(description="A loaded SAE (GET /saes) that writes into the residual stream.")
+    index: StrictInt = Field(description="The feature, 0 .. d_sae-1: its decoder direction is the vector.")
+
+
+Vector = Annotated[Union[ActAddVector, MeanDiffVector, ValuesVector, FeatureVector], Field(
+    discriminator="kind", description=(
+        'actadd: the residual of `positive` minus that of `negative`, position by position (the shorter '
+        'padded on the right with the space token); mean_diff: the mean last-position residual of the '
+        'positive texts minus that of the negative texts; values: given; feature: an SAE feature\'s '
+        'decoder direction (SAEs on resid_pre, resid_post, attn_out or mlp_out).'))]
 
 
 class VectorFields(BaseModel):
     """What makes a steering vector (shared by /steering_vector and each `steer` addition)."""
 
-    layer: StrictInt = Field(description="The block, 0 .. n_layers-1.")
-    site: Literal["resid_pre", "resid_post"] = Field(default="resid_pre", description=(
-        "resid_pre: the residual stream entering the block; resid_post: leaving it. The vector is "
-        "read and added there."))
+    layer: Optional[StrictInt] = Field(default=None, description=(
+        "The block, 0 .. n_layers-1. Required, except for a feature vector: default the SAE's layer."))
+    site: Optional[Literal["resid_pre", "resid_post"]] = Field(default=None, description=(
+        "resid_pre (default): the residual stream entering the block; resid_post: leaving it. The vector "
+        "is read and added there. A feature vector's default: resid_pre for an SAE on resid_pre, else "
+        "resid_post (where an attention or MLP output has been added)."))
     vector: Vector
     coefficient: float = Field(default=1.0, description=f"Multiplies the vector; |coefficient| <= {MAX_COEFFICIENT:g}.")
     unit: StrictBool = Field(default=False, description=(
@@ -99,6 +111,8 @@ class Planned:
     """A validated vector: `build()` computes it on the worker (forward passes of its prompts)."""
 
     spec: VectorFields
+    layer: int  # where it is read and added (the request's, or a feature's default)
+    site: str
     build: Callable[[], Steps]
     passes: float  # its forward work (admission) ...
     seq: int  # ... on texts of about this many tokens
@@ -108,15 +122,35 @@ class Planned:
 def plan(ex: Explorer, spec: VectorFields, where: str) -> Planned:
     """Check `spec` (400 naming `where`.field) and plan its computation."""
     d_model, n_layers = int(ex.cfg.d_model), int(ex.cfg.n_layers)
-    check_index(f"{where}layer", spec.layer, n_layers)
+    vector, bridge = spec.vector, ex.bridge
+    layer, site = spec.layer, spec.site or "resid_pre"
+    if isinstance(vector, FeatureVector):
+        try:
+            sae = ex.sae(vector.sae)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{where}vector.{exc}") from None
+        check_index(f"{where}vector.index", vector.index, sae.d_sae)
+        direction = sae_math.output_direction(sae, vector.index)
+        if direction is None or sae.d_in != d_model:
+            raise InvalidRequest(f"{where}vector: SAE {sae.name!r} reads {sae.hook}, whose features are not directions "
+                                 "in the residual stream (steer with an SAE on resid_pre, resid_post, attn_out or mlp_out)")
+        layer = sae.layer if layer is None else layer
+        site = spec.site or ("resid_pre" if sae_math.hook_kind(sae.hook) == "resid_pre" else "resid_post")
+    if layer is None:
+        raise InvalidRequest(f"{where}layer is required (the block, 0 .. {n_layers - 1})")
+    check_index(f"{where}layer", layer, n_layers)
     if not math.isfinite(spec.coefficient) or abs(spec.coefficient) > MAX_COEFFICIENT:
         raise InvalidRequest(f"{where}coefficient must be a finite number with |coefficient| <= "
                              f"{MAX_COEFFICIENT:g}, got {spec.coefficient}")
-    vector, bridge = spec.vector, ex.bridge
 
     def finish(raw: torch.Tensor) -> torch.Tensor:
         return steering.scaled(raw, spec.coefficient, spec.unit)
 
+    if isinstance(vector, FeatureVector):
+        def decoded() -> Steps:
+            return finish(direction.detach().float().cpu().clone())
+            yield  # a generator: computed on the worker like the others
+        return Planned(spec, layer, site, decoded, 0.0, 1)
     if isinstance(vector, ValuesVector):
         if len(vector.values) != d_model:
             raise InvalidRequest(f"{where}vector.values must hold d_model = {d_model} numbers, got {len(vector.values)}")
@@ -126,7 +160,7 @@ def plan(ex: Explorer, spec: VectorFields, where: str) -> Planned:
         def given() -> Steps:
             return finish(torch.tensor(vector.values, dtype=torch.float32))
             yield  # a generator: computed on the worker like the others
-        return Planned(spec, given, 0.0, 1)
+        return Planned(spec, layer, site, given, 0.0, 1)
     if isinstance(vector, ActAddVector):
         (pos, pos_strs), (neg, neg_strs) = ex.tokens(vector.positive), ex.tokens(vector.negative)
         space = ex.encode(" ")
@@ -136,9 +170,9 @@ def plan(ex: Explorer, spec: VectorFields, where: str) -> Planned:
         rows = [f"{p} / {n}" for p, n in zip(*padded)]
 
         def contrast() -> Steps:
-            return finish(steering.actadd(bridge, pos, neg, pad, spec.layer, spec.site))
+            return finish(steering.actadd(bridge, pos, neg, pad, layer, site))
             yield  # a generator, as the others
-        return Planned(spec, contrast, 2 * forward_work(spec.layer + 1, length), length, rows)
+        return Planned(spec, layer, site, contrast, 2 * forward_work(layer + 1, length), length, rows)
     for name, texts in (("positive", vector.positive), ("negative", vector.negative)):
         check_count(f"{where}vector.{name}", texts, MAX_CONTRAST_TEXTS)
     positive = [ids for ids, _ in each_text(ex, f"{where}vector.positive", vector.positive)]
@@ -147,11 +181,11 @@ def plan(ex: Explorer, spec: VectorFields, where: str) -> Planned:
     def means() -> Steps:
         sides = []
         for texts in (positive, negative):
-            sides.append(steering.last_position_mean(bridge, texts, spec.layer, spec.site))
+            sides.append(steering.last_position_mean(bridge, texts, layer, site))
             yield len(sides) / 2
         return finish(sides[0] - sides[1])
-    passes = sum(forward_work(spec.layer + 1, len(ids)) for ids in positive + negative)
-    return Planned(spec, means, passes, max(len(ids) for ids in positive + negative))
+    passes = sum(forward_work(layer + 1, len(ids)) for ids in positive + negative)
+    return Planned(spec, layer, site, means, passes, max(len(ids) for ids in positive + negative))
 
 
 def token_values(ex: Explorer, ids: list[int], values: list[float]) -> list[dict[str, Any]]:
@@ -159,7 +193,7 @@ def token_values(ex: Explorer, ids: list[int], values: list[float]) -> list[dict
 
 
 @operation("/steering_vector", SteeringVectorRequest, SteeringVectorResponse,
-           "Build a steering vector (ActAdd, mean difference or given values) and show it: values, norm, "
+           "Build a steering vector (ActAdd, mean difference, an SAE feature or given values) and show it: values, norm, "
            "and the tokens it promotes and suppresses through the unembedding.", mode="steps")
 def steering_vector(ex: Explorer, req: SteeringVectorRequest) -> Steps:
     require_causal(ex, "POST /steering_vector")
@@ -172,7 +206,7 @@ def steering_vector(ex: Explorer, req: SteeringVectorRequest) -> Steps:
         total = vector.sum(0) if vector.dim() == 2 else vector
         up_ids, up, down_ids, down = steering.through_unembedding(ex.bridge, total, top_k)
         norm = vector.norm(dim=-1)
-        return shape(SteeringVectorResponse, layer=req.layer, site=req.site, kind=req.vector.kind,
+        return shape(SteeringVectorResponse, layer=planned.layer, site=planned.site, kind=req.vector.kind,
                      values=vector.cpu().numpy(), norm=norm.tolist() if vector.dim() == 2 else float(norm),
                      tokens=planned.tokens, promotes=token_values(ex, up_ids, up),
                      suppresses=token_values(ex, down_ids, down))
