@@ -1,6 +1,7 @@
 """Regenerate examples/*.json from a running server: `python scripts/make_examples.py [URL [FILE ...]]`
 (FILE names, e.g. example6_model.json: only those; default every example). example15 (GET /models)
-wants a server with two models: `python app.py --random-weights --model a --model b`.
+wants a server with two models: `python app.py --random-weights --model a --model b`; the others a
+server with the random SAE "demo" (`SAE_COMMAND` below).
 
 Each file is the server's exact response plus an `_example` field recording the request and the
 model that answered (frontends load these as mock data while the server is down).
@@ -43,7 +44,14 @@ EXAMPLES = [
       "steer": [{"layer": 2, "vector": {"kind": "actadd", "positive": "Love", "negative": "Hate"}, "coefficient": 5}]}),
     ("example18_steering_vector.json", "/steering_vector",
      {"layer": 2, "vector": {"kind": "actadd", "positive": "Love", "negative": "Hate"}, "top_k": 5}),
+    ("example19_features.json", "/features", {"text": TEXT, "sae": "demo", "top_k": 3}),
+    ("example20_feature.json", "/feature", {"text": IOI, "sae": "demo", "index": 1900, "top_k": 3, "answer": " Mary",
+                                            "distractor": " John", "edit": "ablate", "indices": [1900, 482, 7]}),
+    ("example21_saes.json", "/saes", None),
 ]
+# The SAE the examples read: random, on GPT-2 small's shape (`python app.py --random-weights --sae name=demo,DIR`).
+SAE_COMMAND = ("from model_utils import write_random_sae; write_random_sae(DIR, d_in=768, d_sae=4096, "
+               "hook='blocks.6.hook_resid_pre', scale=6.3, seed=6)")
 # Jobs: the file is the finished job (GET /jobs/{id}), the request the POST that started it.
 JOB_EXAMPLES = [
     ("example9_chg_job.json", "/jobs/chg", {"texts": [IOI, "When Tom and Anna went to the park, Anna gave a ball to"],

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from app import create_app
 from explorer.operations import OPERATIONS
 from explorer.web import openapi
 from scripts.make_examples import EXAMPLES, JOB_EXAMPLES
@@ -15,10 +16,24 @@ from tests.helpers import wait_job
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSES = {path: op.response for path, op in OPERATIONS.items() if op.mode != "job"}
-RESPONSES.update({"/model": openapi.ModelInfo, "/models": openapi.ModelsResponse})
+RESPONSES.update({"/model": openapi.ModelInfo, "/models": openapi.ModelsResponse, "/saes": openapi.SaesResponse})
 JOB_RESULTS = {path: op.response for path, op in OPERATIONS.items() if op.mode == "job"}
 
 pytestmark = pytest.mark.slow  # every documented example and curl command, jobs included, end to end
+
+
+@pytest.fixture(scope="module")
+def demo_sae(tmp_path_factory) -> str:
+    """The examples' SAE "demo" (scripts/make_examples.py) on the tiny model's width."""
+    from model_utils import write_random_sae
+
+    return str(write_random_sae(tmp_path_factory.mktemp("demo-sae"), d_in=64, d_sae=4096,
+                                hook="blocks.1.hook_resid_pre", scale=0.3))
+
+
+@pytest.fixture()
+def client(tiny_model, demo_sae):
+    return create_app({"TESTING": True, "SAES": [f"name=demo,{demo_sae}"]}, model=tiny_model).test_client()
 
 
 @pytest.mark.parametrize("name,path,body", EXAMPLES, ids=[e[0] for e in EXAMPLES])

@@ -38,8 +38,12 @@ class CancellingJobs(JobManager):
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(tiny_model):
-    app = create_app({"TESTING": True}, model=tiny_model)
+def fuzz_app(tiny_model, tmp_path_factory):
+    from model_utils import write_random_sae
+
+    sae = write_random_sae(tmp_path_factory.mktemp("fuzz-sae"), d_in=64, d_sae=64, hook="blocks.1.hook_resid_pre",
+                           architecture="topk", k=4, scale=0.3)
+    app = create_app({"TESTING": True, "SAES": [f"name=fuzz,{sae}"]}, model=tiny_model)
     app.extensions["jobs"] = CancellingJobs()
     return app
 

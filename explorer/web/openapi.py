@@ -158,6 +158,8 @@ def _apply_bounds(component: dict[str, Any], info: dict[str, Any]) -> None:
         if name in bounds and "maximum" not in prop:  # a field's own bounds (e.g. /lens's top_k) stay
             target = next((s for s in prop.get("anyOf", [prop]) if s.get("type") == "integer"), prop)
             target["minimum"], target["maximum"] = bounds[name]
+        if name == "sae" and info.get("saes"):  # the loaded SAEs' names (a fuzzer then reaches the SAE code)
+            prop["enum"] = [sae["name"] for sae in info["saes"]]
         if name == "token_indices":
             items = prop["anyOf"][0]["items"]
             items["minimum"], items["maximum"] = 0, info["n_ctx"] - 1
@@ -165,7 +167,7 @@ def _apply_bounds(component: dict[str, Any], info: dict[str, Any]) -> None:
 
 
 def build(info: dict[str, Any], version: str = __version__) -> dict[str, Any]:
-    """The document for a model described by `info` (`LoadedModel.info()`)."""
+    """The document for a model described by `info` (`Explorer.info()`)."""
     requests = [op.request for op in OPERATIONS.values()]
     models = requests + [op.response for op in OPERATIONS.values()] + [r for r, _ in GETS.values()]
     models += [Error, JobAccepted, JobStatus, Provenance]

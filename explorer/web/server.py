@@ -179,7 +179,7 @@ def create_app(config: dict[str, Any] | None = None,
     app.extensions["models"] = models
     app.extensions["explorer"] = models.default
     app.extensions["jobs"] = JobManager()
-    app.extensions["openapi"] = openapi.build(models.default.model.info())
+    app.extensions["openapi"] = openapi.build(models.default.info())
     web.register(app)
 
     from flask_cors import CORS
