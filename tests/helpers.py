@@ -4,6 +4,7 @@ hooks written here, none of the project's code). Fixtures live in tests/conftest
 models of every family in tests/families.py."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -12,6 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from tests.families import hf_layers, hf_o_proj
 
@@ -283,6 +285,61 @@ class HFPatcher:
                               for h in range(n_heads)] for l in range(n_layers)])
         return np.array([[[self.metric_with(base_ids, "z", l, lambda t, l=l, h=h, p=p: set_head(t, source["z"][l], h, p), metric)
                            for p in range(seq)] for h in range(n_heads)] for l in range(n_layers)])
+
+
+# --- SAEs, written from the architectures' definitions (the project's encoders are not used) ---
+
+def reference_params(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    if path.endswith(".npz"):
+        with np.load(path) as npz:
+            return ({"architecture": "jumprelu", "apply_b_dec_to_input": False, "normalize_activations": "none"},
+                    {k: torch.tensor(npz[k]) for k in npz.files})
+    return json.load(open(f"{path}/cfg.json")), load_file(f"{path}/sae_weights.safetensors")
+
+
+def reference_encode(cfg: dict, p: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, reconstruction) of x [seq, d_in], written from the architectures' definitions."""
+    x = x.double()
+    p = {k: v.double() for k, v in p.items()}
+    norm = cfg.get("normalize_activations", "none")
+    if norm == "constant_norm_rescale":
+        c = x.shape[1] ** 0.5 / torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        xn, back = x * c, (lambda y: y / c)
+    elif norm == "layer_norm":
+        mu, sd = x.mean(1, keepdim=True), (x - x.mean(1, keepdim=True)).std(1, keepdim=True)
+        xn, back = (x - mu) / (sd + 1e-5), (lambda y: y * sd + mu)
+    else:
+        xn, back = x, (lambda y: y)
+    if cfg.get("apply_b_dec_to_input", True):
+        xn = xn - p["b_dec"]
+    arch = cfg["architecture"]
+    if arch == "gated":
+        f = torch.where(xn @ p["W_enc"] + p["b_gate"] > 0, torch.clamp(xn @ (p["W_enc"] * torch.exp(p["r_mag"])) + p["b_mag"], min=0), 0.0)
+    else:
+        pre = xn @ p["W_enc"] + p["b_enc"]
+        if arch == "topk":
+            keep = torch.zeros_like(pre, dtype=torch.bool)
+            keep.scatter_(1, pre.argsort(dim=1, descending=True, stable=True)[:, :cfg["k"]], True)
+            f = torch.where(keep, torch.clamp(pre, min=0), 0.0)
+        elif arch == "jumprelu":
+            f = torch.where(pre > p["threshold"], torch.clamp(pre, min=0), 0.0)
+        else:
+            f = torch.clamp(pre, min=0)
+    return f, back(f @ p["W_dec"] + p["b_dec"])
+
+
+def reference_decode(cfg: dict, params: dict, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """decode(f) in x's scale: the reference encoder's reconstruction with other features."""
+    p = {k: v.double() for k, v in params.items()}
+    x = x.double()
+    norm = cfg.get("normalize_activations", "none")
+    y = f @ p["W_dec"] + p["b_dec"]
+    if norm == "constant_norm_rescale":
+        return y / (x.shape[1] ** 0.5 / torch.linalg.vector_norm(x, dim=1, keepdim=True))
+    if norm == "layer_norm":
+        mu = x.mean(1, keepdim=True)
+        return y * (x - mu).std(1, keepdim=True) + mu
+    return y
 
 
 def real_gpt2_available() -> bool:

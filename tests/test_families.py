@@ -19,9 +19,10 @@ from sklearn.decomposition import PCA
 
 from app import create_app
 from explorer.runtime import loading
-from model_utils import load_model
+from model_utils import load_model, write_random_sae
 from tests.families import FAMILIES, build, hf_layers, hf_model, hf_readout
-from tests.helpers import TEXT, HFPatcher, block_outputs, hf_adding, ids_of, ok, wait_job
+from tests.helpers import (TEXT, HFPatcher, block_outputs, hf_adding, ids_of, ok, reference_decode, reference_encode,
+                           reference_params, wait_job)
 
 pytestmark = pytest.mark.slow  # six model families, every endpoint
 
@@ -377,6 +378,54 @@ def test_steering_matches_an_hf_hook(fam):
         worst = max(worst, abs(step["logprob"] - float(row[step["token_id"]])))
     fam.record("/generate steer", worst)
     assert worst < 1e-4
+
+
+@pytest.mark.parametrize("fam", list(FAMILIES), indirect=True)
+def test_sae_features_and_edits_match_hf_on_the_familys_own_hook_widths(fam, tmp_path):
+    """Random SAEs on block 1's residual input (d_model wide) and on its heads' values (hook_z:
+    n_heads x d_head wide): features equal a plain-torch encoder on HF's activations; on a causal
+    model, ablating a feature equals an HF hook doing the same edit; an encoder refuses the edit."""
+    cfg = fam.model.cfg
+    widths = {"blocks.1.hook_resid_pre": int(cfg.d_model),
+              "blocks.1.attn.hook_z": int(cfg.n_heads) * int(cfg.d_head)}
+    paths = {hook: str(write_random_sae(tmp_path / hook, d_in=width, d_sae=48, hook=hook, scale=1.0, seed=3))
+             for hook, width in widths.items()}
+    client = create_app({"TESTING": True, "SAES": [f"name={h},{p}" for h, p in paths.items()]},
+                        model=fam.model).test_client()
+    ids = ids_of(client, CLEAN)
+    got = fam.patcher.capture(ids, ("resid_pre", "z"))
+    answer = pair_ids(fam)["answer"] if fam.spec.causal else None
+    for hook, path in paths.items():
+        site = "z" if hook.endswith("hook_z") else "resid_pre"
+        x = got[site][1].double()
+        cfg_, params = reference_params(path)
+        f, recon = reference_encode(cfg_, params, x)
+        listed = ok(client.post("/features", json={"text": CLEAN, "sae": hook, "top_k": 48}))
+        dense = torch.zeros_like(f)
+        for p, tok in enumerate(listed["tokens"]):
+            for a in tok["features"]:
+                dense[p, a["index"]] = a["activation"]
+        worst = float((dense - f).abs().max())
+        fam.record(f"/features {site}", worst)
+        assert worst < 1e-5 and (f > 0).any()
+        index = int(f.sum(0).argmax())
+        if not fam.spec.causal:
+            assert "encoder" in client.post("/feature", json={"text": CLEAN, "sae": hook, "index": index,
+                                                              "answer": 1, "edit": "ablate"}).get_json()["error"]
+            continue
+        body = ok(client.post("/feature", json={"text": CLEAN, "sae": hook, "index": index, "answer": answer,
+                                                "edit": "ablate"}))
+        g = f.clone()
+        g[:, index] = 0
+        delta = (reference_decode(cfg_, params, g, x) - recon).float()
+
+        def replace(t: torch.Tensor) -> torch.Tensor:
+            t[0] += delta.to(t.dtype)
+            return t
+        want = fam.patcher.metric_with(ids, site, 1, replace, lambda logits: logits.double().log_softmax(-1)[answer])
+        worst = abs(body["edit"]["results"][0]["metric"] - want)
+        fam.record(f"/feature ablate {site}", worst)
+        assert worst < 1e-5 and abs(body["edit"]["results"][0]["effect"]) > 1e-6
 
 
 def metric_tensor(logits: torch.Tensor, ids: dict[str, int]) -> torch.Tensor:

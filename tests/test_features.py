@@ -14,7 +14,8 @@ from app import create_app
 from explorer.math import sae as sae_math
 from explorer.runtime.loading import ModelLoadError
 from explorer.runtime.saes import load_sae, parse_spec, write_random_sae
-from tests.helpers import CLEAN, TEXT, block_outputs, err, ids_of, ok, wait_job
+from tests.helpers import (CLEAN, TEXT, block_outputs, err, ids_of, ok, reference_decode, reference_encode,
+                           reference_params, wait_job)
 
 SCALE = 0.3  # about the tiny GPT-2's activation norms: a good share of the random features fire
 D_SAE = 96
@@ -61,45 +62,6 @@ def sc(sae_app):
 
 
 # --- the independent reference: plain torch on the files, plain HF activations ------------------
-
-def reference_params(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    if path.endswith(".npz"):
-        with np.load(path) as npz:
-            return ({"architecture": "jumprelu", "apply_b_dec_to_input": False, "normalize_activations": "none"},
-                    {k: torch.tensor(npz[k]) for k in npz.files})
-    return json.load(open(f"{path}/cfg.json")), load_file(f"{path}/sae_weights.safetensors")
-
-
-def reference_encode(cfg: dict, p: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, reconstruction) of x [seq, d_in], written from the architectures' definitions."""
-    x = x.double()
-    p = {k: v.double() for k, v in p.items()}
-    norm = cfg.get("normalize_activations", "none")
-    if norm == "constant_norm_rescale":
-        c = x.shape[1] ** 0.5 / torch.linalg.vector_norm(x, dim=1, keepdim=True)
-        xn, back = x * c, (lambda y: y / c)
-    elif norm == "layer_norm":
-        mu, sd = x.mean(1, keepdim=True), (x - x.mean(1, keepdim=True)).std(1, keepdim=True)
-        xn, back = (x - mu) / (sd + 1e-5), (lambda y: y * sd + mu)
-    else:
-        xn, back = x, (lambda y: y)
-    if cfg.get("apply_b_dec_to_input", True):
-        xn = xn - p["b_dec"]
-    arch = cfg["architecture"]
-    if arch == "gated":
-        f = torch.where(xn @ p["W_enc"] + p["b_gate"] > 0, torch.clamp(xn @ (p["W_enc"] * torch.exp(p["r_mag"])) + p["b_mag"], min=0), 0.0)
-    else:
-        pre = xn @ p["W_enc"] + p["b_enc"]
-        if arch == "topk":
-            keep = torch.zeros_like(pre, dtype=torch.bool)
-            keep.scatter_(1, pre.argsort(dim=1, descending=True, stable=True)[:, :cfg["k"]], True)
-            f = torch.where(keep, torch.clamp(pre, min=0), 0.0)
-        elif arch == "jumprelu":
-            f = torch.where(pre > p["threshold"], torch.clamp(pre, min=0), 0.0)
-        else:
-            f = torch.clamp(pre, min=0)
-    return f, back(f @ p["W_dec"] + p["b_dec"])
-
 
 def hf_activation(hf_patcher, ids: list[int], hook: str, head: int | None = None) -> torch.Tensor:
     """The hook's activation [seq, d_in] from plain HF hooks (resid_post L = resid_pre L+1)."""
@@ -264,20 +226,6 @@ def hf_edited_metric(hf_patcher, sae_dirs, name: str, ids: list[int], index: int
             t[0, :, head * d:(head + 1) * d] += delta
         return t
     return hf_patcher.metric_with(ids, where, layer, replace, metric)
-
-
-def reference_decode(cfg: dict, params: dict, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """decode(f) in x's scale: the reference encoder's reconstruction with other features."""
-    p = {k: v.double() for k, v in params.items()}
-    x = x.double()
-    norm = cfg.get("normalize_activations", "none")
-    y = f @ p["W_dec"] + p["b_dec"]
-    if norm == "constant_norm_rescale":
-        return y / (x.shape[1] ** 0.5 / torch.linalg.vector_norm(x, dim=1, keepdim=True))
-    if norm == "layer_norm":
-        mu = x.mean(1, keepdim=True)
-        return y * (x - mu).std(1, keepdim=True) + mu
-    return y
 
 
 def logit_diff(answer: int, distractor: int):
