@@ -165,3 +165,23 @@ def test_the_command_line_help():
     out = subprocess.run([sys.executable, "-m", "explorer", "run", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--random-weights" in out.stdout and "--tag" in out.stdout
+
+
+def test_an_experiment_with_an_sae_records_it_and_replays_it(tiny_dir, tmp_path):
+    """The file names its SAE (`sae:`); answers' provenance carries the SAE's source, and replay
+    loads it again from there."""
+    from model_utils import write_random_sae
+
+    sae = write_random_sae(tmp_path / "sae", d_in=64, d_sae=32, hook="blocks.1.hook_resid_pre", scale=0.3)
+    spec = write(tmp_path / "f.yaml", {"name": "f", "sae": f"name=s,{sae}", "requests": [
+        {"name": "read", "endpoint": "/features", "text": TEXT, "sae": "s", "top_k": 3},
+        {"name": "edit", "endpoint": "/feature", "text": TEXT, "sae": "s", "index": 2, "answer": " mat",
+         "edit": "ablate", "indices": [0, 1, 2]}]})
+    assert run(spec, tiny_dir, tmp_path / "out") == 0
+    folder = tmp_path / "out" / "f" / "t"
+    result = json.loads((folder / "result.json").read_text())
+    for entry in result["requests"]:
+        assert "error" not in entry, entry
+        assert entry["provenance"]["model"]["saes"]["s"]["source"]["path"] == str(sae)
+    assert "saes" in next(iter(yaml.safe_load((folder / "config.yaml").read_text())["models"].values()))
+    assert main(["replay", str(folder / "result.json"), "--device", "cpu"]) == 0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.loading import LoadedModel, ModelLoadError, load_model
+from ..runtime.saes import SAE, load_sae, source_spec
 from ..web.server import create_app
 from .client import Client, InProcess, Outcome, Remote, execute
 
@@ -153,6 +154,20 @@ def models_for(entries: list[dict[str, Any]], override: list[str] | None, device
     return {name: source_model(m["source"], m.get("dtype", "float32"), device) for name, m in recorded.items()}
 
 
+def saes_for(entries: list[dict[str, Any]]) -> list[SAE]:
+    """The SAEs the result's answers were made with, loaded again from their recorded sources."""
+    found: dict[tuple[str, str], Any] = {}
+    for entry in entries:
+        model = _get(entry.get("provenance"), ("model",)) or {}
+        for name, sae in (model.get("saes") or {}).items():
+            found.setdefault((model["name"], name), sae)
+    out = []
+    for (model, name), sae in found.items():
+        spec, revision = source_spec(name, model, sae["hook"], sae["source"])
+        out.append(load_sae(spec, revision=revision))
+    return out
+
+
 @dataclass
 class Verdict:
     name: str
@@ -193,7 +208,7 @@ def replay(args: argparse.Namespace) -> int:
             client = Remote(args.against)
         else:
             models = models_for(entries, args.model, args.device)
-            client = InProcess(create_app({"TESTING": True}, model=models))
+            client = InProcess(create_app({"TESTING": True, "SAES": saes_for(entries)}, model=models))
     except (OSError, ValueError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ import yaml
 
 from ..errors import InvalidRequest
 from ..operations import OPERATIONS, parse
+from ..runtime.loading import ModelLoadError
 from ..runtime.provenance import now
 from ..web.server import create_app, load_configured, model_config, model_names
 from .client import InProcess, Outcome, content, execute
@@ -51,6 +52,7 @@ class ExperimentError(ValueError):
 class Experiment:
     name: str
     models: list[str] | None
+    saes: list[str]  # --sae values, e.g. "name=res8,jbloom/GPT2-Small-SAEs-Reformatted:blocks.8.hook_resid_pre"
     random_weights: bool
     requests: list[dict[str, Any]]  # each {"name", "endpoint", "body"}
 
@@ -63,9 +65,10 @@ def load(path: Path) -> Experiment:
         raise ExperimentError(f"{path}: cannot read it as YAML ({exc})") from None
     if not isinstance(data, dict):
         raise ExperimentError(f"{path}: the file must be a mapping with a `requests` list")
-    unknown = set(data) - {"name", "model", "random_weights", "requests"}
+    unknown = set(data) - {"name", "model", "sae", "random_weights", "requests"}
     if unknown:
-        raise ExperimentError(f"{path}: unknown keys {sorted(unknown)}; allowed: name, model, random_weights, requests")
+        raise ExperimentError(f"{path}: unknown keys {sorted(unknown)}; allowed: name, model, sae, random_weights, "
+                              "requests")
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not NAME.match(name):
         raise ExperimentError(f"{path}: name must be letters, digits, '.', '_' or '-', got {name!r}")
@@ -74,6 +77,10 @@ def load(path: Path) -> Experiment:
         models = [models] if isinstance(models, str) else models
         if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
             raise ExperimentError(f"{path}: model must be a model name or a list of names")
+    saes = data.get("sae", [])
+    saes = [saes] if isinstance(saes, str) else saes
+    if not isinstance(saes, list) or not all(isinstance(s, str) and s for s in saes):
+        raise ExperimentError(f"{path}: sae must be an --sae value or a list of them")
     random_weights = data.get("random_weights", False)
     if not isinstance(random_weights, bool):
         raise ExperimentError(f"{path}: random_weights must be true or false")
@@ -96,7 +103,7 @@ def load(path: Path) -> Experiment:
             raise ExperimentError(f"{where} ({request_name}): endpoint must be one of {', '.join(OPERATIONS)}, "
                                   f"got {endpoint!r}")
         requests.append({"name": request_name, "endpoint": endpoint, "body": body})
-    return Experiment(name, models, random_weights, requests)
+    return Experiment(name, models, saes, random_weights, requests)
 
 
 class Progress:
@@ -157,11 +164,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: a model is named twice: {', '.join(args.model)}", file=sys.stderr)
         return 2
     args.random_weights = args.random_weights or experiment.random_weights
+    args.sae = args.sae or experiment.saes  # --sae, else the file's
     config = model_config(args)
     models = load_configured(config)
     if models is None:
         return 1
-    app = create_app({**config, "TESTING": True}, model=models)
+    try:
+        app = create_app({**config, "TESTING": True}, model=models)
+    except ModelLoadError as exc:  # an SAE that does not fit its model
+        print(f"\nerror: {exc}\n", file=sys.stderr)
+        return 1
     tag = args.tag or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) / experiment.name / tag
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     resolved = {"name": experiment.name, "tag": tag, "source": str(Path(args.experiment).resolve()),
                 "model": config["MODEL"], "random_weights": config["RANDOM_WEIGHTS"], "device": config["DEVICE"],
                 "dtype": config["DTYPE"], "device_map": config["DEVICE_MAP"],
-                "models": {m.name: m.describe() for m in models},
+                "models": {ex.model.name: ex.describe() for ex in app.extensions["models"].by_name.values()},
                 "requests": [{"name": r["name"], "endpoint": r["endpoint"], **resolved_body(r["endpoint"], r["body"])}
                              for r in experiment.requests]}
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))

@@ -51,7 +51,7 @@ class Operation:
 
     def stamp(self, ex: Explorer, body: Any, request: "Request") -> dict[str, Any]:
         """The provenance of an answer to `body` (as received; `request` parsed from it), now."""
-        return provenance.record(ex.model.describe(), self.path, body, request.seeds())
+        return provenance.record(ex.describe(), self.path, body, request.seeds())
 
 
 OPERATIONS: dict[str, Operation] = {}  # by path, in registration order

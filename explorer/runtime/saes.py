@@ -184,15 +184,16 @@ def build(config: dict[str, Any], tensors: dict[str, torch.Tensor], spec: Spec, 
                head=head, model=spec.model, source=source)
 
 
-def _hub_download(repo: str, inside: str, where: str) -> tuple[Path, str]:
-    """The hub folder (or file) `inside` of `repo`, downloaded into the Hugging Face cache (or found
-    there: offline then, like models), and the commit of the snapshot it is in."""
+def _hub_download(repo: str, inside: str, where: str, revision: str | None) -> tuple[Path, str]:
+    """The hub folder (or file) `inside` of `repo` (at `revision`, default its main branch),
+    downloaded into the Hugging Face cache (or found there: offline then, like models), and the
+    commit of the snapshot it is in."""
     from huggingface_hub import snapshot_download
 
     patterns = [inside, f"{inside.rstrip('/')}/*"]
     try:
         with hub_offline():
-            local = snapshot_download(repo, allow_patterns=patterns)
+            local = snapshot_download(repo, allow_patterns=patterns, revision=revision)
     except Exception:  # not cached: download it
         from huggingface_hub import constants
 
@@ -203,7 +204,7 @@ def _hub_download(repo: str, inside: str, where: str) -> tuple[Path, str]:
                                        "there is a network (huggingface-cli download REPO --include 'PATH/*'), or "
                                        "give a local directory") from None
         try:
-            local = snapshot_download(repo, allow_patterns=patterns)
+            local = snapshot_download(repo, allow_patterns=patterns, revision=revision)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = (" It is gated or private: accept its license on the hub and log in (huggingface-cli login) or "
@@ -215,8 +216,9 @@ def _hub_download(repo: str, inside: str, where: str) -> tuple[Path, str]:
     return found, Path(local).name  # the cache's snapshot folders are named by commit
 
 
-def load_sae(spec: str | Spec, device: str = "cpu") -> SAE:
-    """Load one `--sae` value. Raises `ModelLoadError` with a message a user can act on."""
+def load_sae(spec: str | Spec, device: str = "cpu", revision: str | None = None) -> SAE:
+    """Load one `--sae` value (a hub reference at `revision`, default its main branch). Raises
+    `ModelLoadError` with a message a user can act on."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     location = os.path.expanduser(spec.location)
     where = repr(spec.location)
@@ -226,7 +228,7 @@ def load_sae(spec: str | Spec, device: str = "cpu") -> SAE:
         source: dict[str, Any] = {"kind": "local", "path": str(path), **provenance.files_hash(str(hashed))}
     elif ":" in spec.location and "/" in spec.location.partition(":")[0] and not location.startswith((".", "/")):
         repo, _, inside = spec.location.partition(":")
-        path, commit = _hub_download(repo, inside.strip("/"), where)
+        path, commit = _hub_download(repo, inside.strip("/"), where, revision)
         source = {"kind": "hub", "id": repo, "path": inside.strip("/"), "revision": commit}
     else:
         raise _config_error(where, "it is neither an existing file or directory nor a Hugging Face reference "
@@ -289,3 +291,12 @@ def write_random_sae(directory: str | os.PathLike, *, d_in: int, d_sae: int, hoo
         config["k"] = k
     (path / SAELENS_CONFIG).write_text(json.dumps(config))
     return path
+
+
+def source_spec(name: str, model: str | None, hook: str, source: dict[str, Any]) -> tuple[Spec, str | None]:
+    """The `Spec` (and hub revision) that loads again the SAE a provenance's `source` describes."""
+    if source.get("kind") == "hub":
+        return Spec(f"{source['id']}:{source['path']}", name, model, hook), source.get("revision")
+    if source.get("kind") == "local":
+        return Spec(source["path"], name, model, hook), None
+    raise ModelLoadError(f"the result does not say where SAE {name!r} came from (source {source!r})")

@@ -235,6 +235,14 @@ class Explorer:
         """`GET /model`: the model's description and the SAEs it serves."""
         return {**self.model.info(), "saes": [sae.info() for sae in self.saes.values()]}
 
+    def describe(self) -> dict[str, Any]:
+        """The model part of an answer's provenance: the model's, with the SAEs it serves and their
+        sources when it serves any (so a replay can load them again)."""
+        described = self.model.describe()
+        if self.saes:
+            described["saes"] = {name: {"hook": sae.hook, "source": sae.source} for name, sae in self.saes.items()}
+        return described
+
     def sae(self, name: str) -> SAE:
         """The SAE `name`; 400 listing the SAEs this model serves otherwise."""
         found = self.saes.get(name)
