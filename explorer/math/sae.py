@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from .lens import frozen_norm, norm_scale
 from .target import Target
 
 LAYER_NORM_EPS = 1e-5  # SAELens's layer_norm normalization
+SPARSE_DECODE = 20  # decode through the active rows only when under 1 in this many features is active
+TOP_K = 100  # each token's most active features kept with a text's features (the most /features lists)
 # The hooks whose activation `replay.Acts` holds, so edits can be replayed from it: kind by suffix.
 EDITABLE = {"hook_resid_pre": "resid_pre", "hook_resid_post": "resid_post", "hook_attn_out": "attn_out",
             "hook_mlp_out": "mlp_out", "attn.hook_z": "z"}
@@ -59,22 +61,23 @@ def unflat(sae: SAE, delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _normalization(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """(x normalized as the SAE was trained, the map of a decoder output back to x's scale)."""
+def _normalization(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float]:
+    """(x normalized as the SAE was trained, scale, shift): a decoder output y maps back to x's
+    scale as y * scale + shift (per token)."""
     if sae.normalize_activations == "constant_norm_rescale":
         coeff = sae.d_in ** 0.5 / x.norm(dim=-1, keepdim=True)
-        return x * coeff, lambda y: y / coeff
+        return x * coeff, 1 / coeff, 0.0
     if sae.normalize_activations == "layer_norm":
         mu = x.mean(dim=-1, keepdim=True)
         std = (x - mu).std(dim=-1, keepdim=True)
-        return (x - mu) / (std + LAYER_NORM_EPS), lambda y: y * std + mu
-    return x, lambda y: y
+        return (x - mu) / (std + LAYER_NORM_EPS), std, mu
+    return x, 1.0, 0.0
 
 
 def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     """Feature activations of the SAE's inputs x [n, d_in] -> [n, d_sae] (float32)."""
     p = sae.params
-    x, _ = _normalization(sae, x.to(p["W_enc"].device, torch.float32))
+    x, _, _ = _normalization(sae, x.to(p["W_enc"].device, torch.float32))
     if sae.apply_b_dec_to_input:
         x = x - p["b_dec"]
     if sae.architecture == "gated":
@@ -90,29 +93,41 @@ def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
 
 
 def decode(sae: SAE, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The reconstruction of x [n, d_in] from its features f [..., n, d_sae] -> [..., n, d_in]."""
-    _, back = _normalization(sae, x.to(f.device, torch.float32))
-    return back(f @ sae.params["W_dec"] + sae.params["b_dec"])
+    """The reconstruction of x [n, d_in] from its features f [n, d_sae] -> [n, d_in]. Only the
+    active features' decoder rows are read when few are active (as in a trained SAE)."""
+    _, scale, shift = _normalization(sae, x.to(f.device, torch.float32))
+    w = sae.params["W_dec"]
+    if f.count_nonzero() * SPARSE_DECODE < f.numel():
+        out = torch.sparse.mm(f.to_sparse(), w)
+    else:
+        out = f @ w
+    return (out + sae.params["b_dec"]) * scale + shift
 
 
 @dataclass
 class Encoded:
-    """A text's features under one SAE: activations [seq, d_sae] float32 (on the SAE's device) and
-    the reconstruction's quality (`quality`)."""
+    """A text's features under one SAE: activations [seq, d_sae] float32 (on the SAE's device),
+    each token's TOP_K most active features (values and indices [seq, K], CPU, largest first) and
+    active count (l0 [seq]), and the reconstruction's quality (`quality`)."""
 
     acts: torch.Tensor
+    top_values: np.ndarray
+    top_indices: np.ndarray
+    l0: np.ndarray
     quality: dict[str, Any]
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.nbytes = self.acts.numel() * self.acts.element_size()
+        self.nbytes = self.acts.numel() * self.acts.element_size() + self.top_values.nbytes + self.top_indices.nbytes
 
 
 def encoded(sae: SAE, activation: torch.Tensor) -> Encoded:
     """`Encoded` of the hook's activation [seq, ...]."""
     x = flat(sae, activation).to(sae.params["W_enc"].device)
     f = encode(sae, x)
-    return Encoded(f, quality(x, decode(sae, f, x)))
+    top = f.topk(min(TOP_K, sae.d_sae), dim=-1)
+    return Encoded(f, top.values.cpu().numpy(), top.indices.cpu().numpy(), (f != 0).sum(-1).cpu().numpy(),
+                   quality(x, decode(sae, f, x)))
 
 
 def quality(x: torch.Tensor, recon: torch.Tensor) -> dict[str, Any]:
@@ -154,14 +169,18 @@ def from_acts(acts: replay.Acts, sae: SAE) -> torch.Tensor:
 def edited(sae: SAE, x: torch.Tensor, f: torch.Tensor, index: Sequence[int], values: torch.Tensor,
            positions: Sequence[int] | None) -> torch.Tensor:
     """The hook's activation x [seq, ...] with, in row r, feature index[r] set to values[r] at
-    `positions` (None: every position): [rows, seq, ...] in x's dtype."""
-    rows = len(index)
-    new = f.expand(rows, *f.shape).clone()
-    where = slice(None) if positions is None else torch.tensor(list(positions), device=f.device)
-    for r, (i, v) in enumerate(zip(index, values)):
-        new[r, where, i] = v
+    `positions` (None: every position): [rows, seq, ...] in x's dtype. The decoder is linear, so
+    decode(f') - decode(f) is the change of the one feature times its decoder row (times the
+    normalization's per-token scale): exactly 0 where the activation does not change."""
     inputs = flat(sae, x)
-    delta = decode(sae, new, inputs) - decode(sae, f, inputs)
+    _, scale, _ = _normalization(sae, inputs.to(f.device))
+    rows = torch.tensor(list(index), device=f.device)
+    change = values.to(f.device, torch.float32)[:, None] - f[:, rows].T  # [rows, seq]
+    if positions is not None:
+        keep = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
+        keep[list(positions)] = True
+        change = torch.where(keep, change, torch.zeros_like(change))
+    delta = change[:, :, None] * sae.params["W_dec"][rows][:, None, :] * scale  # [rows, seq, d_in]
     return (x.to(delta.device, torch.float32) + unflat(sae, delta, x)).to(x.dtype)
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import numpy as np
-import torch
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
+from ..math import sae as sae_math
 from ..session import Explorer
 from .base import TextRequest, check_top_k, operation, shape
 
-MAX_TOP_K = 100
+MAX_TOP_K = sae_math.TOP_K
 
 
 class SaeRequest(TextRequest):
@@ -67,12 +66,6 @@ class FeaturesResponse(BaseModel):
     reconstruction: Reconstruction
 
 
-def top_features(acts: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row of acts [seq, d_sae]: the k largest activations and their indices, and L0."""
-    values, indices = acts.topk(min(k, acts.shape[-1]), dim=-1)
-    return values.cpu().numpy(), indices.cpu().numpy(), (acts != 0).sum(-1).cpu().numpy()
-
-
 @operation("/features", FeaturesRequest, FeaturesResponse,
            "A text read through a sparse autoencoder: each token's top features, L0 and reconstruction quality.")
 def features(ex: Explorer, req: FeaturesRequest) -> dict[str, Any]:
@@ -80,7 +73,7 @@ def features(ex: Explorer, req: FeaturesRequest) -> dict[str, Any]:
     top_k = check_top_k(req.top_k, MAX_TOP_K, sae.d_sae)
     ids, strs = ex.tokens(req.source)
     enc = ex.encoded(req.source, sae)
-    values, indices, l0 = top_features(enc.acts, top_k)
+    values, indices, l0 = enc.top_values[:, :top_k], enc.top_indices[:, :top_k], enc.l0
     q = enc.quality
     tokens = [{"token": s, "token_id": i, "l0": int(l0[p]), "relative_mse": q["relative_mse"][p],
                "variance_explained": q["variance_explained"][p],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,19 +255,22 @@ def gemma_scope_hook(location: str) -> str | None:
 def write_random_sae(directory: str | os.PathLike, *, d_in: int, d_sae: int, hook: str,
                      architecture: str = "standard", k: int | None = None, seed: int = 0,
                      apply_b_dec_to_input: bool = True, normalize_activations: str = "none",
-                     fmt: str = "saelens", head: int | None = None, scale: float = 1.0) -> Path:
+                     fmt: str = "saelens", head: int | None = None, scale: float = 1.0,
+                     active: float = 0.25) -> Path:
     """Write a seeded random SAE in the SAELens format (cfg.json + sae_weights.safetensors) or as
     Gemma Scope's params.npz (JumpReLU; `hook` is then not in the files: give hook= when loading),
     for tests, notebooks and demos without a download. Returns the path to load (`--sae PATH`).
-    `scale` is the typical norm of the hook's activation: biases and thresholds are drawn relative
-    to it so that a good share of the features fire, as in a trained SAE."""
+    `scale` is the typical norm of the hook's activation: biases are drawn relative to it so that
+    about an `active` fraction of the features fire on a token (a trained SAE's is ~0.01; tiny
+    test SAEs want more)."""
     gen = torch.Generator().manual_seed(seed)
     w_dec = torch.randn(d_sae, d_in, generator=gen)
     w_dec /= w_dec.norm(dim=-1, keepdim=True)
     unit = scale / d_in ** 0.5  # the spread of one encoder row's reading of an activation
     tensors = {"W_enc": w_dec.T.contiguous(), "W_dec": w_dec * scale ** 0.5,
                "b_dec": 0.1 * unit * torch.randn(d_in, generator=gen)}
-    biases = -unit * (0.2 + torch.rand(d_sae, generator=gen))
+    offset = statistics.NormalDist().inv_cdf(1 - active)  # a row's reading is about N(0, unit)
+    biases = -unit * (offset - 0.5 + torch.rand(d_sae, generator=gen))
     if architecture == "gated":
         tensors |= {"b_gate": biases, "b_mag": 0.1 * unit * torch.randn(d_sae, generator=gen),
                     "r_mag": 0.1 * torch.randn(d_sae, generator=gen)}
