@@ -52,6 +52,19 @@ export const getModels = () => call("GET", "/models");
 
 export const tokenize = (text) => call("POST", "/tokenize", { text });
 
+// {saes: [{name, model, hook, layer, d_sae, ...}]}: every loaded SAE, of every model.
+export const getSaes = () => call("GET", "/saes");
+
+// A text read through an SAE (model: the SAE's, so an SAE of any loaded model can be read).
+export const features = (text, sae, top_k = 10, model = undefined) =>
+  call("POST", "/features", { text, sae, top_k, model });
+
+// One feature; `extra`: answer, distractor, edit ("ablate" | "clamp"), value, positions, indices.
+export const feature = (text, sae, index, extra = {}, model = undefined) =>
+  call("POST", "/feature", { text, sae, index, top_k: 6, ...extra, model });
+
+export const generate = (body) => call("POST", "/generate", body);
+
 // token_indices omitted: the text's own tokens (no BOS, [CLS] or [SEP]).
 export const trace = (text, token_indices) => call("POST", "/trace", { text, token_indices });
 

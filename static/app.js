@@ -5,6 +5,7 @@ import { attributionView } from "./attribution.js";
 import { compareModels, compareView } from "./compare.js";
 import { $, make, options, range } from "./dom.js";
 import { provenanceOf, saveJSON, savePNG, saveSVG } from "./export.js";
+import { featuresView } from "./features.js";
 import { generateView } from "./generate.js";
 import { headsView } from "./heads.js";
 import { lensView } from "./lens.js";
@@ -23,7 +24,8 @@ import { trajectoriesView } from "./trajectories.js";
 // and its module wires any other control of its panel when it makes it.
 const TABS = {
   trajectories: trajectoriesView, attention: attentionView, lens: lensView, heads: headsView,
-  dla: attributionView, patching: patchingView, tracing: tracingView, generate: generateView, compare: compareView,
+  dla: attributionView, patching: patchingView, tracing: tracingView, generate: generateView, features: featuresView,
+  compare: compareView,
 };
 
 const state = { model: null, models: [], text: "", tokens: [], traced: new Set() };

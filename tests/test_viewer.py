@@ -938,3 +938,78 @@ def test_generate_steered_with_compare(page, server):
     assert numbers(hover_text(page, panel.locator("rect.kl-cell").last))[-1] == pytest.approx(answer["kl"][-1], rel=1e-3)
     assert "steered at L1" in panel.locator("svg.figure").text_content()
     screenshot(page, "generate-steered")
+
+
+@pytest.fixture(scope="module")
+def sae_server(tiny_model, tmp_path_factory):
+    """The tiny model with a random SAE "demo" on block 1's residual input."""
+    from model_utils import write_random_sae
+
+    path = write_random_sae(tmp_path_factory.mktemp("viewer-sae"), d_in=64, d_sae=96, hook="blocks.1.hook_resid_pre",
+                            scale=0.3)
+    app = create_app({"SAES": [f"name=demo,{path}"]}, model=tiny_model)
+    with running(make_server("127.0.0.1", 0, app, threaded=True)) as httpd:
+        yield f"http://127.0.0.1:{httpd.server_port}", app.test_client()
+
+
+@pytest.fixture()
+def sae_page(browser, sae_server):
+    yield from viewer_page(browser, sae_server)
+
+
+def test_features_tab_colours_tokens_and_chooses_features(sae_page, sae_server):
+    page = sae_page
+    analyze(page, TEXT)
+    listed = api(sae_server, "/features", {"text": TEXT, "sae": "demo", "top_k": 10})
+    top = listed["tokens"][3]["features"][0]["index"]  # the most active feature of " sat"
+    panel = open_view(page, "features")
+    old = panel.locator("svg.figure").element_handle()
+    page.fill("#feat-index", str(top))
+    page.locator("#feat-index").blur()  # the input's own change event
+    page.wait_for_function("old => !old.isConnected", arg=old)
+    panel.locator("svg.figure").wait_for()
+    feature = api(sae_server, "/feature", {"text": TEXT, "sae": "demo", "index": top})
+    shown = [float(a) for a in panel.locator("g.feat-chip").evaluate_all("ns => ns.map(n => n.dataset.activation)")]
+    assert shown == pytest.approx(feature["activations"], rel=1e-6)
+    quality = panel.locator("text.feat-quality").text_content()
+    assert f"{listed['reconstruction']['variance_explained'] * 100:.1f}% of variance explained" in quality
+    assert feature["promotes"][0]["token"].replace(" ", "·")[:11] in panel.locator("svg.figure").text_content()
+    tip = hover_text(page, panel.locator("g.feat-chip").nth(3))
+    assert f"#{top} " in tip and f"L0 {listed['tokens'][3]['l0']}" in tip
+    # A clicked token lists its top features; clicking one chooses it.
+    panel.locator("g.feat-chip").nth(3).click()
+    picks = page.locator("#feat-top button.feat-pick")
+    assert picks.count() == len(listed["tokens"][3]["features"])
+    second = listed["tokens"][3]["features"][1]["index"]
+    old = panel.locator("svg.figure").element_handle()
+    picks.nth(1).click()
+    page.wait_for_function("old => !old.isConnected", arg=old)
+    assert page.input_value("#feat-index") == str(second)
+    assert f"Feature {second} of demo" in panel.locator("svg.figure").text_content()
+    screenshot(page, "features")
+
+
+def test_features_ablate_and_steer_buttons(sae_page, sae_server):
+    page = sae_page
+    analyze(page, TEXT)
+    open_view(page, "features")
+    page.fill("#feat-answer", " mat")
+    page.click("#feat-ablate")
+    page.wait_for_function("document.querySelector('#feat-result').textContent.includes('effect')")
+    edit = api(sae_server, "/feature", {"text": TEXT, "sae": "demo", "index": 0, "answer": " mat",
+                                        "edit": "ablate"})["edit"]
+    assert numbers(page.locator("#feat-result").inner_text())[-1] == pytest.approx(edit["results"][0]["effect"],
+                                                                                   rel=1e-3, abs=1e-6)
+    page.fill("#feat-coefficient", "20")
+    page.click("#feat-steer")
+    page.wait_for_function("document.querySelector('#feat-result').textContent.includes('unsteered')")
+    answer = api(sae_server, "/generate", {"prompt": TEXT, "max_new_tokens": 12, "compare": True, "steer": [
+        {"vector": {"kind": "feature", "sae": "demo", "index": 0}, "coefficient": 20}]})
+    assert json.dumps(answer["completion"]) in page.locator("#feat-result").inner_text()
+
+
+def test_features_tab_without_an_sae_says_how_to_load_one(page):
+    page.click("#tab-features")
+    page.locator("#feat-none").wait_for(state="visible")
+    assert "--sae" in page.locator("#feat-none").inner_text()
+    assert page.locator("#panel-features svg.figure").count() == 0
