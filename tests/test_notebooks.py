@@ -23,7 +23,7 @@ def test_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
     assert {"tutorial-walkthrough.ipynb", "tokenization.ipynb", "embedding_extraction.ipynb",
             "dimensionality_reduction.ipynb", "head_importance.ipynb", "logit_lens.ipynb",
-            "activation_patching.ipynb", "generation_and_steering.ipynb"} <= names
+            "activation_patching.ipynb", "generation_and_steering.ipynb", "features.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
