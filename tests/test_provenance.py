@@ -62,6 +62,29 @@ def test_local_hash_changes_when_one_weight_changes(tmp_path):
     assert reloaded.transformer.h[1].mlp.c_fc.weight[3, 7] != 0
 
 
+def test_local_hash_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    """A second hash of unchanged files reads none of them (the digest is kept under their path,
+    size and modification time) and equals the first; a changed file is hashed again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights" * 1000)
+    first = provenance.files_hash(str(folder))
+    assert (tmp_path / "cache" / "explorer" / "hashes.json").exists()
+    real_open = open
+    opened: list[str] = []
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    assert provenance.files_hash(str(folder)) == first and not opened
+    (folder / "model.safetensors").write_bytes(b"other!!" * 1000)  # the same size, a new time
+    stat = os.stat(folder / "model.safetensors")
+    os.utime(folder / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # coarse clocks
+    changed = provenance.files_hash(str(folder))
+    assert changed["sha256"] != first["sha256"] and opened
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))  # nothing remembered: the same digest
+    assert provenance.files_hash(str(folder)) == changed
+
+
 @pytest.mark.slow  # builds GPT-2 small's shape
 def test_random_model_records_its_seed():
     model = load_model(random_weights=True, seed=7, device="cpu")

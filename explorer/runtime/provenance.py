@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -25,21 +26,60 @@ PACKAGES = {"torch": "torch", "transformers": "transformers", "transformer_lens"
 # What a save_pretrained directory's hash covers: weights, config and tokenizer (they all change answers).
 HASHED_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".pt", ".pth")
 CHUNK = 1 << 24
+HASH_CACHE_ENTRIES = 256  # directories whose digest is remembered (HASH_CACHE: $XDG_CACHE_HOME/explorer/hashes.json)
 
 
 def files_hash(directory: str) -> dict[str, Any]:
     """`{"sha256", "files"}`: one SHA-256 over the names and contents of a model directory's
     config, tokenizer and weight files (top level, sorted by name), so it changes when any of them
-    does."""
-    total = hashlib.sha256()
+    does.
+
+    Reading gigabytes of weights at every start costs seconds (2 s per 500 MB measured here), so
+    the digest is kept in HASH_CACHE under the files' path, size and modification time, as git and
+    make trust them: a start with unchanged files reads none of them."""
     names = sorted(p.name for p in Path(directory).iterdir() if p.is_file() and p.suffix in HASHED_SUFFIXES)
+    stats = [(name, (st := os.stat(os.path.join(directory, name))).st_size, st.st_mtime_ns) for name in names]
+    key = hashlib.sha256(json.dumps([os.path.abspath(directory), stats]).encode()).hexdigest()
+    cache = _hash_cache()
+    if key in cache:
+        return {"sha256": cache[key], "files": names}
+    total = hashlib.sha256()
     for name in names:
         total.update(name.encode() + b"\0")
         with open(os.path.join(directory, name), "rb") as f:
             while block := f.read(CHUNK):
                 total.update(block)
         total.update(b"\0")
+    _remember(cache, key, total.hexdigest())
     return {"sha256": total.hexdigest(), "files": names}
+
+
+def _hash_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "explorer" / "hashes.json"
+
+
+def _hash_cache() -> dict[str, str]:
+    try:
+        found = json.loads(_hash_file().read_text())
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(cache: dict[str, str], key: str, digest: str) -> None:
+    """Add a digest to the cache file, keeping the newest HASH_CACHE_ENTRIES (a failed write only
+    means hashing again next time)."""
+    cache.pop(key, None)
+    cache[key] = digest
+    kept = dict(list(cache.items())[-HASH_CACHE_ENTRIES:])
+    path = _hash_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(kept))
+        os.replace(tmp, path)  # atomic: concurrent starts never read a half-written file
+    except OSError:
+        pass
 
 
 def hub_source(name: str, revision: str | None) -> dict[str, Any]:
