@@ -390,8 +390,23 @@ def main() -> int:
     print(text)
     if args.markdown:
         args.markdown.write_text("# Benchmark results\n\nOutput of `make bench` (`python -m bench.bench`).\n\n"
-                                 + text + "\n")
+                                 + text + "\n" + OTHER_RESULTS)
     return 0
+
+
+# The benchmarks of single features, each with its own script and results file beside this one.
+OTHER_RESULTS = """
+## Other benchmarks
+
+Each has its own script (one run, ratios measured within it) and results file:
+
+| what | script | results |
+|---|---|---|
+| generation (tokens/s against HF `generate`, streaming, memory) | `python -m bench.generate_bench` | [RESULTS-generate.md](RESULTS-generate.md) |
+| long requests (admission, cancel, disconnect, memory) | `python -m bench.long_bench` | [RESULTS-long.md](RESULTS-long.md) |
+| SAE features (`/features` against a forward pass, warm, memory) | `python -m bench.features_bench` | [RESULTS-features.md](RESULTS-features.md) |
+| this table on an H100 | `python -m bench.bench --device cuda` | [RESULTS-h100.md](RESULTS-h100.md) |
+"""
 
 
 if __name__ == "__main__":
