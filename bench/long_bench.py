@@ -503,6 +503,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter waits (every case still runs)")
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
+    parser.add_argument("--rounds", type=int, default=1, help=(
+        "run every case this many times (new texts each time): the server's resident size after each "
+        "round shows whether the memory one round used is reused by the next or added to it"))
     args = parser.parse_args()
     started = time.perf_counter()
     prompts = Prompts()
@@ -520,10 +523,12 @@ def main() -> int:
                 f"\"{rate[5:]}\".")
         rss["after warm-up"] = proc_kb(server.pid, "VmRSS") / 1024
         bench = Bench(server, prompts, args.quick)
-        for case in (bench.case1, bench.case2, bench.case3, bench.case4, bench.case5, bench.case6, bench.case7):
-            case()
-        time.sleep(2.0)
-        rss["at the end (idle 2 s)"] = proc_kb(server.pid, "VmRSS") / 1024
+        for round_ in range(1, args.rounds + 1):
+            for case in (bench.case1, bench.case2, bench.case3, bench.case4, bench.case5, bench.case6, bench.case7):
+                case()
+            time.sleep(2.0)
+            rss[f"after round {round_} (idle 2 s)" if args.rounds > 1 else "at the end (idle 2 s)"] = \
+                proc_kb(server.pid, "VmRSS") / 1024
         rss["highest sampled during the cases"] = max(
             [float(r["before"]) + float(r["rss"].split()[0]) for r in bench.rows if r["before"] != "-"])
         cache_end = server.cache_mib()
