@@ -14,6 +14,7 @@ import torch
 
 from explorer.math import generation
 from explorer.math.generation import Sampling, filtered
+from explorer.operations.generate import stop_in_tail
 from explorer.runtime.loading import LoadedModel
 from tests.helpers import TEXT, err, ok, unstamped, wait_job, waitress_serving
 
@@ -105,6 +106,35 @@ def test_stop_strings_and_eos_end_where_they_should(client, monkeypatch):
     monkeypatch.setattr(LoadedModel, "eos_token_ids", property(lambda self: frozenset([third["token_id"]])))
     ended = ok(client.post("/generate", json=body))
     assert ended["finish_reason"] == "eos" and ended["token_ids"] == stopped["token_ids"]
+
+
+def test_stop_check_decodes_a_bounded_tail_and_finds_what_the_whole_text_would(app):
+    """The first step at which stop_in_tail finds a stop string is the first at which the whole
+    decoded completion contains one: stop strings spanning token boundaries, multi-byte characters
+    split across byte tokens, a special token (decoded to nothing) in between."""
+    ex = app.extensions["explorer"]
+    eos = ex.model.tokenizer.eos_token_id
+    ids = list(ex.encode(" déjà vu 😀🐍 naïve 東京 ok.\n\n 's x")) + [eos] + list(ex.encode("😀 the end, 🐍!"))
+    text = ex.decode(ids)
+    assert sum("\ufffd" in ex.decode([i]) for i in ids) >= 4  # multi-byte characters cut across tokens
+    lengths = []
+
+    def decode(part):
+        lengths.append(len(part))
+        return ex.decode(part)
+
+    def first(found) -> int | None:
+        return next((k for k in range(1, len(ids) + 1) if found(ids[:k])), None)
+
+    stops = [[text[i:i + n]] for n in (1, 2, 3, 5, 8) for i in range(len(text) - n + 1)]
+    stops += [["\ufffd"], ["zzz", "東京"], ["😀 the"], [" 's"], ["x😀"]]
+    for stop in stops:
+        assert first(lambda p: stop_in_tail(decode, p, stop)) == first(lambda p: any(s in ex.decode(p) for s in stop)), stop
+    assert first(lambda p: stop_in_tail(ex.decode, p, ["zzz"])) is None
+    # a long completion and a short stop string: a tail of tokens is decoded, never the whole
+    lengths.clear()
+    long = ids * 4
+    assert not stop_in_tail(decode, long, ["zzz"]) and max(lengths) < len(long) // 4
 
 
 @pytest.mark.parametrize("body, message", [
