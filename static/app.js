@@ -71,7 +71,7 @@ function activeView() {
 async function show(name) {
   const view = views[name];
   const box = view.panel.querySelector(".figure-box");
-  if (!state.text) return;
+  if (!state.source) return;
   const key = `${state.source.ids ? `ids ${state.source.ids}` : state.text}\n${view.key()}`;
   if (view.dataKey !== key) {
     view.dataKey = key;

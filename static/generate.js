@@ -227,5 +227,9 @@ function drawGeneration(data, readout, { by, bosLabel, selected, select }) {
     ...(kl ?? []).map((v, i) => () => `step ${i + 1}: KL(steered ‖ unsteered) = ${fmt(v)} nats`),
   ];
   readable(svg, [...prompt, ...generated, ...others, ...klCells], COLS, (i) => describe[i](), readout);
+  svg.addEventListener("keydown", (event) => {  // Enter: select the keyboard cursor's token, as a click
+    const chip = svg.querySelector("g.current:is(.prompt-token, .gen-token)");
+    if (event.key === "Enter" && select && chip) select(Number(chip.dataset.position));
+  });
   return svg;
 }

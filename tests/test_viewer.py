@@ -984,11 +984,15 @@ def test_a_generated_token_selects_it_in_the_other_views(page, server):
     assert attention[-1]["text"] == TEXT and "token_ids" not in attention[-1]
 
 
-def test_leaving_token_ids_mode_with_the_button(page, server):
+def test_a_token_selected_by_keyboard_and_the_mode_left_by_button(page, server):
     analyze(page, TEXT)
     panel = generate(page, 3)
-    panel.locator("g.gen-token").first.click()
+    panel.locator("svg.figure").focus()
+    page.keyboard.press("End")  # the last generated token
+    page.keyboard.press("Enter")
     page.locator("#ids-mode").wait_for()
+    last = len(api(server, "/tokenize", {"text": TEXT})["tokens"]) + 2
+    assert f"#{last} " in page.locator("#ids-mode").inner_text() and page.input_value("#dla-pos") == str(last)
     text = page.input_value("#text")
     tokenized = sent_bodies(page, "/tokenize")
     page.click("#ids-mode-leave")
