@@ -153,10 +153,13 @@ function inspect(ids, text, position) {
   analyze();
 }
 
+// Whether the views show the sequence `inspect` set (the mode is left at once, the views change
+// with the next analysis).
+const inIdsMode = () => state.ids !== null && state.source === state.ids;
+
 function showIdsMode() {
-  const on = Boolean(state.ids) && state.ids === state.source;
-  $("#ids-mode").hidden = !on;
-  if (!on) return;
+  $("#ids-mode").hidden = !inIdsMode();
+  if (!inIdsMode()) return;
   const t = state.tokens[state.selected];
   $("#ids-mode-what").textContent = `Token ids: the generated sequence's ${state.ids.ids.length} tokens as ` +
     `generated (not re-tokenized), #${t.index} ${JSON.stringify(t.token_str)} selected.`;
@@ -184,7 +187,7 @@ async function analyze() {
   const own = state.tokens.slice(first, end).map((t) => t.index);
   state.traced = new Set(own.length ? own : [0]);
   const positions = state.tokens.map((t) => [String(t.index), `#${t.index} ${showToken(t.token_str, 20)}`]);
-  const selected = String(state.source === state.ids ? state.selected : state.tokens.length - 1);
+  const selected = String(inIdsMode() ? state.selected : state.tokens.length - 1);
   document.querySelectorAll("select.positions").forEach((s) => options(s, positions, selected));
   showIdsMode();
   renderChips();
@@ -287,7 +290,7 @@ async function start() {
     register(name, makeView({
       text: () => state.source, tokens: () => state.tokens, traced: () => state.traced, models: () => state.models,
       redraw: () => show(name), isBos, inspect,
-      selected: () => (state.ids && state.source === state.ids ? { ids: state.ids.ids, position: state.selected } : null),
+      selected: () => (inIdsMode() ? { ids: state.ids.ids, position: state.selected } : null),
     }));
   }
   selectTab($('[role="tab"]'));
