@@ -108,29 +108,50 @@ def test_stop_strings_and_eos_end_where_they_should(client, monkeypatch):
     assert ended["finish_reason"] == "eos" and ended["token_ids"] == stopped["token_ids"]
 
 
-def test_stop_check_decodes_a_bounded_tail_and_finds_what_the_whole_text_would(app):
+STOP_TEXTS = (" déjà vu 😀🐍 naïve 東京 ok.\n\n 's x", "😀 the end, 🐍!")
+
+
+def sentencepiece_tokenizer():
+    """A Llama-style tokenizer (SentencePiece BPE with byte fallback; its decoder drops the text's
+    leading space): a few letters and merges, every other character as UTF-8 byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("a", "t"), ("e", "n"), ("▁", "x")]
+    for token in [*"▁abcdefghijklmnopqrstuvwxyz.,'!", *(a + b for a, b in merges)]:
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "sentencepiece"])
+def test_stop_check_decodes_a_bounded_tail_and_finds_what_the_whole_text_would(app, kind):
     """The first step at which stop_in_tail finds a stop string is the first at which the whole
     decoded completion contains one: stop strings spanning token boundaries, multi-byte characters
     split across byte tokens, a special token (decoded to nothing) in between."""
-    ex = app.extensions["explorer"]
-    eos = ex.model.tokenizer.eos_token_id
-    ids = list(ex.encode(" déjà vu 😀🐍 naïve 東京 ok.\n\n 's x")) + [eos] + list(ex.encode("😀 the end, 🐍!"))
-    text = ex.decode(ids)
-    assert sum("\ufffd" in ex.decode([i]) for i in ids) >= 4  # multi-byte characters cut across tokens
+    tok = app.extensions["explorer"].model.tokenizer if kind == "gpt2" else sentencepiece_tokenizer()
+    first_part, second_part = (tok.encode(t, add_special_tokens=False) for t in STOP_TEXTS)
+    ids = first_part + [tok.eos_token_id] + second_part
     lengths = []
 
     def decode(part):
         lengths.append(len(part))
-        return ex.decode(part)
+        return tok.decode(part, skip_special_tokens=True)
+    text = decode(ids)
+    assert sum("\ufffd" in decode([i]) for i in ids) >= 4  # multi-byte characters cut across tokens
 
     def first(found) -> int | None:
         return next((k for k in range(1, len(ids) + 1) if found(ids[:k])), None)
 
     stops = [[text[i:i + n]] for n in (1, 2, 3, 5, 8) for i in range(len(text) - n + 1)]
-    stops += [["\ufffd"], ["zzz", "東京"], ["😀 the"], [" 's"], ["x😀"]]
+    stops += [["\ufffd"], ["zzz", "東京"], ["😀 the"], [" 's"], ["x😀"], [" d"]]
     for stop in stops:
-        assert first(lambda p: stop_in_tail(decode, p, stop)) == first(lambda p: any(s in ex.decode(p) for s in stop)), stop
-    assert first(lambda p: stop_in_tail(ex.decode, p, ["zzz"])) is None
+        assert first(lambda p: stop_in_tail(decode, p, stop)) == first(lambda p: any(s in decode(p) for s in stop)), stop
+    assert first(lambda p: stop_in_tail(decode, p, ["zzz"])) is None
     # a long completion and a short stop string: a tail of tokens is decoded, never the whole
     lengths.clear()
     long = ids * 4
