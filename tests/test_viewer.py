@@ -964,6 +964,7 @@ def test_a_generated_token_selects_it_in_the_other_views(page, server):
     assert mode.is_visible() and f"{len(ids)} tokens" in mode.inner_text() and f"#{position} " in mode.inner_text()
     assert page.locator("#chips .chip").count() == len(ids)
     assert panel.locator(f'g.gen-token[data-position="{position}"] rect').get_attribute("stroke")  # outlined
+    screenshot(page, "generate-token-ids-mode")
     open_view(page, "attention")
     assert [(b["token_ids"], "text" in b) for b in attention] == [(ids, False)]
     lens = open_view(page, "lens")
