@@ -14,13 +14,30 @@ export class ApiError extends Error {
 let chosenModel = null;
 export const chooseModel = (name) => { chosenModel = name; };
 
+// A text given as its token ids: a generated sequence, analysed as generated (decoding and
+// re-tokenizing it does not always give the same tokens). `text`: its decoded text, for show.
+export class TokenIds {
+  constructor(ids, text) {
+    this.ids = ids;
+    this.text = text;
+  }
+}
+
+// Any function below takes a TokenIds wherever it takes a text: `call` sends it as the field's
+// ids (text -> token_ids, clean -> clean_ids, ...; in a list of texts, the list of ids).
+const IDS_FIELDS = { text: "token_ids", clean: "clean_ids", corrupt: "corrupt_ids", prompt: "prompt_ids" };
+const ids = (value) => (value instanceof TokenIds ? value.ids : value);
+const withIds = (body) => Object.fromEntries(Object.entries(body).map(([field, value]) => (
+  value instanceof TokenIds && field in IDS_FIELDS ? [IDS_FIELDS[field], value.ids]
+    : [field, Array.isArray(value) ? value.map(ids) : value])));
+
 async function call(method, path, body) {
   const init = { method, headers: { Accept: "application/json" } };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json"; // anything else is refused with 415
     // provenance: every answer says where it came from (model, software, request), so that the
     // view's exports can (views ignore the field; job results carry it anyway).
-    init.body = JSON.stringify({ ...body, model: body.model ?? chosenModel ?? undefined, provenance: true });
+    init.body = JSON.stringify({ ...withIds(body), model: body.model ?? chosenModel ?? undefined, provenance: true });
   }
   let response;
   try {
@@ -123,7 +140,7 @@ export const startCausalTrace = (text, subject, answer, kind, samples) =>
 // `signal` rejects with an AbortError, and the server, seeing the client leave, stops generating.
 export async function generateStream(body, onEvent, signal) {
   const init = { method: "POST", signal, headers: { Accept: "text/event-stream", "Content-Type": "application/json" },
-                 body: JSON.stringify({ ...body, model: chosenModel ?? undefined, provenance: true, stream: true }) };
+                 body: JSON.stringify({ ...withIds(body), model: chosenModel ?? undefined, provenance: true, stream: true }) };
   let response;
   try {
     response = await fetch("/generate", init);

@@ -28,7 +28,10 @@ const TABS = {
   compare: compareView,
 };
 
-const state = { model: null, models: [], text: "", tokens: [], traced: new Set() };
+// text: the analysed text as shown; source: as the views send it, that string, or in token-ids
+// mode (a generated sequence, see `inspect`) an api.TokenIds; selected: the position the views'
+// position selectors start at.
+const state = { model: null, models: [], text: "", source: "", ids: null, selected: null, tokens: [], traced: new Set() };
 const views = {};
 
 // The banner shows the latest failure; `source` names what failed (a view, "tokens", ...) so
@@ -70,8 +73,8 @@ function activeView() {
 async function show(name) {
   const view = views[name];
   const box = view.panel.querySelector(".figure-box");
-  if (!state.text) return;
-  const key = `${state.text}\n${view.key()}`;
+  if (!state.source) return;
+  const key = `${state.source.ids ? `ids ${state.source.ids}` : state.text}\n${view.key()}`;
   if (view.dataKey !== key) {
     view.dataKey = key;
     view.data = null;
@@ -85,16 +88,19 @@ async function show(name) {
   view.panel.querySelectorAll(".exports button").forEach((b) => { b.disabled = !view.figure; });
 }
 
+// A causal model's BOS is labelled so (its string, e.g. <|endoftext|>, reads as the end of a text);
+// an encoder's [CLS] keeps its name.
+const isBos = (index, id) => index === 0 && id === state.model?.bos_token_id && state.model?.causal !== false;
+
 function renderChips() {
-  const bos = state.model?.bos_token_id;
   $("#token-count").textContent = state.tokens.length ? `${state.tokens.length} tokens` : "";
   $("#chips").replaceChildren(...state.tokens.map((t) => {
-    const isBos = t.index === 0 && t.token_id === bos && state.model?.causal !== false;  // BERT: show [CLS]
+    const bos = isBos(t.index, t.token_id);
     const chip = make("button", {
       type: "button",
-      className: isBos ? "chip bos" : "chip",
-      textContent: isBos ? "BOS" : showToken(t.token_str, 24),
-      title: `#${t.index} · id ${t.token_id} · ${JSON.stringify(t.token_str)}${isBos ? " (beginning of sequence)" : ""}`,
+      className: bos ? "chip bos" : "chip",
+      textContent: bos ? "BOS" : showToken(t.token_str, 24),
+      title: `#${t.index} · id ${t.token_id} · ${JSON.stringify(t.token_str)}${bos ? " (beginning of sequence)" : ""}`,
     }, { "aria-pressed": state.traced.has(t.index) });
     chip.dataset.title = chip.title;
     chip.addEventListener("click", () => {
@@ -117,10 +123,10 @@ async function colourSurprisal() {
     delete chip.dataset.surprisal;
   }
   legend.hidden = true;
-  const text = state.text;
-  if (!$("#surprisal").checked || !text) return;
-  const result = await busy($("#tokens"), () => api.score([text]), "surprisal", () => state.text === text);
-  if (!result || state.text !== text || !$("#surprisal").checked) return;
+  const source = state.source;
+  if (!$("#surprisal").checked || !source) return;
+  const result = await busy($("#tokens"), () => api.score([source]), "surprisal", () => state.source === source);
+  if (!result || state.source !== source || !$("#surprisal").checked) return;
   const surprisal = result.results[0].token_logprobs.map((lp) => (lp === null ? null : -lp));
   const scale = sequential(Math.max(...surprisal.filter((s) => s !== null), 1e-9), { stops: ORANGES });
   chips.forEach((chip, i) => {
@@ -140,13 +146,42 @@ async function colourSurprisal() {
 
 let analyzing = 0;
 
+// Token-ids mode: the views analyse a generated sequence as its ids, at `position`; the text box
+// shows its decoded text, and any change to that text leaves the mode.
+function inspect(ids, text, position) {
+  $("#text").value = text;
+  state.ids = new api.TokenIds(ids, $("#text").value);  // as the box keeps it (line ends normalized)
+  state.selected = position;
+  analyze();
+}
+
+// Whether the views show the sequence `inspect` set (the mode is left at once, the views change
+// with the next analysis).
+const inIdsMode = () => state.ids !== null && state.source === state.ids;
+
+function showIdsMode() {
+  $("#ids-mode").hidden = !inIdsMode();
+  if (!inIdsMode()) return;
+  const t = state.tokens[state.selected];
+  $("#ids-mode-what").textContent = `Token ids: the generated sequence's ${state.ids.ids.length} tokens as ` +
+    `generated (not re-tokenized), #${t.index} ${JSON.stringify(t.token_str)} selected.`;
+}
+
+function leaveIdsMode() {
+  state.ids = state.selected = null;
+  showIdsMode();
+}
+
 async function analyze() {
   const text = $("#text").value;
+  if (state.ids?.text !== text) leaveIdsMode();
+  const source = state.ids ?? text;
   const run = ++analyzing;
   clearError();
-  const result = await busy($("#tokens"), () => api.tokenize(text), "tokens", () => run === analyzing);
+  const result = await busy($("#tokens"), () => api.tokenize(source), "tokens", () => run === analyzing);
   if (run !== analyzing) return;
   state.text = result ? text : "";
+  state.source = result ? source : "";
   state.tokens = result ? result.tokens : [];
   // Same default as /trace: the text's own tokens (no BOS; for an encoder, no [CLS] or [SEP]).
   const first = state.model?.prepends_bos ? 1 : 0;
@@ -154,7 +189,9 @@ async function analyze() {
   const own = state.tokens.slice(first, end).map((t) => t.index);
   state.traced = new Set(own.length ? own : [0]);
   const positions = state.tokens.map((t) => [String(t.index), `#${t.index} ${showToken(t.token_str, 20)}`]);
-  document.querySelectorAll("select.positions").forEach((s) => options(s, positions, String(state.tokens.length - 1)));
+  const selected = String(inIdsMode() ? state.selected : state.tokens.length - 1);
+  document.querySelectorAll("select.positions").forEach((s) => options(s, positions, selected));
+  showIdsMode();
   renderChips();
   colourSurprisal();
   for (const view of Object.values(views)) {
@@ -253,8 +290,9 @@ function setUpModels(listing) {
 async function start() {
   for (const [name, makeView] of Object.entries(TABS)) {
     register(name, makeView({
-      text: () => state.text, tokens: () => state.tokens, traced: () => state.traced, models: () => state.models,
-      redraw: () => show(name),
+      text: () => state.source, tokens: () => state.tokens, traced: () => state.traced, models: () => state.models,
+      redraw: () => show(name), isBos, inspect,
+      selected: () => (inIdsMode() ? { ids: state.ids.ids, position: state.selected } : null),
     }));
   }
   selectTab($('[role="tab"]'));
@@ -270,10 +308,16 @@ async function start() {
     }
   });
   $("#surprisal").addEventListener("change", colourSurprisal);
+  $("#text").addEventListener("input", () => { if (state.ids && $("#text").value !== state.ids.text) leaveIdsMode(); });
+  $("#ids-mode-leave").addEventListener("click", () => {
+    leaveIdsMode();
+    analyze();
+  });
   $("#model-select").addEventListener("change", () => {
     api.chooseModel($("#model-select").value);
     state.model = state.models.find((m) => m.name === $("#model-select").value);
     showModel(state.model);
+    leaveIdsMode();  // another model: another vocabulary
     analyze();
   });
   const listing = await busy($("#model"), api.getModels, "model");

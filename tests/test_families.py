@@ -39,6 +39,7 @@ CAUSAL_ONLY = [
     ("/ablate", {"text": CLEAN, "answer": " Mary"}),
     ("/attribution_patch", {**PAIR, "site": "heads"}),
     ("/generate", {"prompt": TEXT}),
+    ("/steering_vector", {"layer": 0, "vector": {"kind": "actadd", "positive": "Love", "negative": "Hate"}}),
     ("/jobs/chg", {"texts": [CLEAN], "targets": [" Mary"]}),
 ]
 

@@ -14,6 +14,7 @@ import torch
 
 from explorer.math import generation
 from explorer.math.generation import Sampling, filtered
+from explorer.operations.generate import stop_in_tail
 from explorer.runtime.loading import LoadedModel
 from tests.helpers import TEXT, err, ok, unstamped, wait_job, waitress_serving
 
@@ -105,6 +106,56 @@ def test_stop_strings_and_eos_end_where_they_should(client, monkeypatch):
     monkeypatch.setattr(LoadedModel, "eos_token_ids", property(lambda self: frozenset([third["token_id"]])))
     ended = ok(client.post("/generate", json=body))
     assert ended["finish_reason"] == "eos" and ended["token_ids"] == stopped["token_ids"]
+
+
+STOP_TEXTS = (" déjà vu 😀🐍 naïve 東京 ok.\n\n 's x", "😀 the end, 🐍!")
+
+
+def sentencepiece_tokenizer():
+    """A Llama-style tokenizer (SentencePiece BPE with byte fallback; its decoder drops the text's
+    leading space): a few letters and merges, every other character as UTF-8 byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("a", "t"), ("e", "n"), ("▁", "x")]
+    for token in [*"▁abcdefghijklmnopqrstuvwxyz.,'!", *(a + b for a, b in merges)]:
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "sentencepiece"])
+def test_stop_check_decodes_a_bounded_tail_and_finds_what_the_whole_text_would(app, kind):
+    """The first step at which stop_in_tail finds a stop string is the first at which the whole
+    decoded completion contains one: stop strings spanning token boundaries, multi-byte characters
+    split across byte tokens, a special token (decoded to nothing) in between."""
+    tok = app.extensions["explorer"].model.tokenizer if kind == "gpt2" else sentencepiece_tokenizer()
+    first_part, second_part = (tok.encode(t, add_special_tokens=False) for t in STOP_TEXTS)
+    ids = first_part + [tok.eos_token_id] + second_part
+    lengths = []
+
+    def decode(part):
+        lengths.append(len(part))
+        return tok.decode(part, skip_special_tokens=True)
+    text = decode(ids)
+    assert sum("\ufffd" in decode([i]) for i in ids) >= 4  # multi-byte characters cut across tokens
+
+    def first(found) -> int | None:
+        return next((k for k in range(1, len(ids) + 1) if found(ids[:k])), None)
+
+    stops = [[text[i:i + n]] for n in (1, 2, 3, 5, 8) for i in range(len(text) - n + 1)]
+    stops += [["\ufffd"], ["zzz", "東京"], ["😀 the"], [" 's"], ["x😀"], [" d"]]
+    for stop in stops:
+        assert first(lambda p: stop_in_tail(decode, p, stop)) == first(lambda p: any(s in decode(p) for s in stop)), stop
+    assert first(lambda p: stop_in_tail(decode, p, ["zzz"])) is None
+    # a long completion and a short stop string: a tail of tokens is decoded, never the whole
+    lengths.clear()
+    long = ids * 4
+    assert not stop_in_tail(decode, long, ["zzz"]) and max(lengths) < len(long) // 4
 
 
 @pytest.mark.parametrize("body, message", [

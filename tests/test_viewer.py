@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from werkzeug.serving import make_server
 
 from app import create_app
 from explorer.experiments.figures import read_provenance
+from explorer.math import generation
 from tests import helpers
 from tests.helpers import CLEAN, CORRUPT, FACT, PAIR, TEXT, ok, running
 
@@ -1013,3 +1015,121 @@ def test_features_tab_without_an_sae_says_how_to_load_one(page):
     page.locator("#feat-none").wait_for(state="visible")
     assert "--sae" in page.locator("#feat-none").inner_text()
     assert page.locator("#panel-features svg.figure").count() == 0
+
+
+def sent_bodies(page, path: str) -> list[dict]:
+    """The JSON bodies the page sends to `path` from now on (a list that fills as it sends)."""
+    bodies: list[dict] = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith(path) and bodies.append(r.post_data_json))
+    return bodies
+
+
+def test_a_generated_token_selects_it_in_the_other_views(page, server):
+    analyze(page, TEXT)
+    panel = generate(page, 6)
+    answer = api(server, "/generate", {"prompt": TEXT, "max_new_tokens": 6})
+    ids = answer["token_ids"]
+    assert panel.locator("g.prompt-token").first.text_content() == "BOS"  # as the page's own chips
+    attention, predict = sent_bodies(page, "/attention"), sent_bodies(page, "/predict")
+    position = answer["generated"][3]["position"]
+    panel.locator(f'g.gen-token[data-position="{position}"]').click()
+    page.wait_for_function("document.querySelector('#tokens').getAttribute('aria-busy') === 'false'")
+    assert page.input_value("#text") == answer["text"]
+    mode = page.locator("#ids-mode")
+    assert mode.is_visible() and f"{len(ids)} tokens" in mode.inner_text() and f"#{position} " in mode.inner_text()
+    assert page.locator("#chips .chip").count() == len(ids)
+    assert panel.locator(f'g.gen-token[data-position="{position}"] rect').get_attribute("stroke")  # outlined
+    screenshot(page, "generate-token-ids-mode")
+    open_view(page, "attention")
+    assert [(b["token_ids"], "text" in b) for b in attention] == [(ids, False)]
+    lens = open_view(page, "lens")
+    assert predict[-1]["token_ids"] == ids and predict[-1]["token_index"] == position and "text" not in predict[-1]
+    shown = api(server, "/predict", {"token_ids": ids, "token_index": position, "top_k": 5})
+    assert f"after #{position} " in lens.locator("svg.figure").text_content()
+    assert lens.locator(".lens-cell").first.text_content().startswith(
+        show_token(shown["predictions_by_layer"][0]["top_tokens"][0]["token"], 12))
+    # Generate again: the sequence is continued as its ids
+    generation = sent_bodies(page, "/generate")
+    generate(page, 2)
+    assert generation[-1]["prompt_ids"] == ids and "prompt" not in generation[-1]
+    # editing the text leaves the mode at once; the next analysis tokenizes the text
+    page.fill("#text", TEXT)
+    assert mode.is_hidden()
+    analyze(page, TEXT)
+    open_view(page, "attention")
+    assert attention[-1]["text"] == TEXT and "token_ids" not in attention[-1]
+
+
+def test_a_token_selected_by_keyboard_and_the_mode_left_by_button(page, server):
+    analyze(page, TEXT)
+    panel = generate(page, 3)
+    panel.locator("svg.figure").focus()
+    page.keyboard.press("End")  # the last generated token
+    page.keyboard.press("Enter")
+    page.locator("#ids-mode").wait_for()
+    last = len(api(server, "/tokenize", {"text": TEXT})["tokens"]) + 2
+    assert f"#{last} " in page.locator("#ids-mode").inner_text() and page.input_value("#dla-pos") == str(last)
+    text = page.input_value("#text")
+    tokenized = sent_bodies(page, "/tokenize")
+    page.click("#ids-mode-leave")
+    page.wait_for_function("document.querySelector('#tokens').getAttribute('aria-busy') === 'false'")
+    assert page.locator("#ids-mode").is_hidden() and tokenized == [{"text": text, "provenance": True}]
+
+
+def test_changing_the_colour_mid_stream_keeps_the_figure(page, server, monkeypatch):
+    step = generation.Decoder.step
+    monkeypatch.setattr(generation.Decoder, "step", lambda self, forced=None: (time.sleep(0.1), step(self, forced))[1])
+    analyze(page, TEXT)
+    page.click("#tab-generate")
+    page.fill("#gen-max", "30")
+    page.click("#gen-run")
+    box = page.locator("#panel-generate .figure-box")
+    box.locator("g.gen-token").first.wait_for()
+    page.evaluate("""() => { window.blanked = false; const box = document.querySelector('#panel-generate .figure-box');
+        new MutationObserver(() => { if (!box.children.length) window.blanked = true; }).observe(box, {childList: true}); }""")
+    page.select_option("#gen-colour", "entropy")
+    assert "colour: entropy" in box.locator("svg.figure").text_content()  # redrawn at once, not at the next token
+    assert page.locator("#gen-status").inner_text().startswith("generating")  # mid-stream indeed
+    page.wait_for_function("document.querySelector('#gen-status').textContent.includes('finish:')")
+    assert not page.evaluate("window.blanked")
+    assert box.locator("g.gen-token").count() == 30 and "colour: entropy" in box.locator("svg.figure").text_content()
+
+
+@pytest.mark.parametrize("kind, fields, vector", [
+    ("mean_diff", {"gen-positive": "Love\nJoy", "gen-negative": "Hate"},
+     {"kind": "mean_diff", "positive": ["Love", "Joy"], "negative": ["Hate"]}),
+    ("values", {"gen-values": ", ".join(["0.5", "-1"] * 32)}, {"kind": "values", "values": [0.5, -1] * 32}),
+])
+def test_generate_steered_by_mean_difference_or_values(page, server, kind, fields, vector):
+    analyze(page, TEXT)
+    page.click("#tab-generate")
+    page.click("#gen-steer summary")
+    page.select_option("#gen-layer", "1")
+    page.select_option("#gen-kind", kind)
+    page.select_option("#gen-positions", "generated")
+    page.check("#gen-unit")
+    sent = sent_bodies(page, "/generate")
+    panel = generate(page, 5, **fields, **{"gen-coefficient": "40"})
+    steer = [{"layer": 1, "vector": vector, "coefficient": 40, "positions": "generated", "unit": True}]
+    assert sent[0]["steer"] == steer and sent[0]["compare"] is True
+    answer = api(server, "/generate", {"prompt": TEXT, "max_new_tokens": 5, "steer": steer, "compare": True})
+    assert shown_ids(panel, "gen-token") == [t["token_id"] for t in answer["generated"]]
+    assert shown_ids(panel, "unsteered-token") == [t["token_id"] for t in answer["unsteered"]["generated"]]
+    assert f"({kind} × 40)" in panel.locator("svg.figure").text_content()
+
+
+def test_generate_top_k_top_p_and_stop_strings(page, server):
+    analyze(page, TEXT)
+    full = api(server, "/generate", {"prompt": TEXT, "max_new_tokens": 8, "do_sample": True, "seed": 2, "top_k": 20,
+                                     "top_p": 0.9})
+    stop = full["generated"][4]["token"]
+    page.click("#tab-generate")
+    page.select_option("#gen-mode", "sample")
+    sent = sent_bodies(page, "/generate")
+    panel = generate(page, 8, **{"gen-seed": "2", "gen-top-k": "20", "gen-top-p": "0.9",
+                                 "gen-stop": f"zzz|{stop}|a\\nb"})
+    assert sent[0]["stop"] == ["zzz", stop, "a\nb"] and (sent[0]["top_k"], sent[0]["top_p"]) == (20, 0.9)
+    answer = api(server, "/generate", {k: v for k, v in sent[0].items() if k not in ("stream", "provenance")})
+    assert answer["finish_reason"] == "stop" and len(answer["generated"]) <= 5
+    assert shown_ids(panel, "gen-token") == [t["token_id"] for t in answer["generated"]]
+    assert page.locator("#gen-status").inner_text().endswith("finish: stop")

@@ -171,6 +171,29 @@ def where_added(planned: Planned, rows: int, prompt: int, total: int, index: int
     return (lambda p: 0 if p in chosen else None), sorted(chosen)
 
 
+# Characters at the start of a decoded tail of tokens that may differ from the whole text there: the
+# rest of a character whose first bytes were cut off (up to 3 replacement characters), a leading
+# space a SentencePiece decoder drops.
+TAIL_SLACK = 4
+
+
+def stop_in_tail(decode: Callable[[list[int]], str], ids: list[int], stops: list[str]) -> bool:
+    """Whether decode(ids) contains a stop string, decoding only a tail of `ids` (the whole text
+    each step would be quadratic). Exact when called after every token, as Writer does: the text
+    before the newest token held none, so a new one ends where the newest token changed the text
+    (its characters, and up to TAIL_SLACK before them that a completed multi-byte character
+    replaces), at most the longest stop string from the end of that."""
+    need = max(map(len, stops)) + len(decode(ids[-1:])) + 2 * TAIL_SLACK
+    n = 1
+    while True:
+        n = min(2 * n, len(ids))  # doubling: a few decodes of at most twice the tokens needed
+        text = decode(ids[-n:])
+        if n == len(ids):
+            return any(s in text for s in stops)
+        if len(text) >= need:
+            return any(s in text[TAIL_SLACK:] for s in stops)
+
+
 class Writer:
     """One completion being written: its decoder, its steps as answered, why it ended."""
 
@@ -188,7 +211,7 @@ class Writer:
         self.generated.append(event)
         if step.token_id in self.eos:
             self.reason = "eos"
-        elif self.stops and any(s in self.ex.decode(self.decoder.ids[self.prompt:]) for s in self.stops):
+        elif self.stops and stop_in_tail(self.ex.decode, self.decoder.ids[self.prompt:], self.stops):
             self.reason = "stop"
         return event
 
