@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ pytest.importorskip("ray", reason="the cluster is an optional install: requireme
 redis = pytest.importorskip("redis")
 
 from app import create_app  # noqa: E402
-from explorer.cluster.forward import Probe, route  # noqa: E402
+from explorer.cluster.forward import route  # noqa: E402
+from explorer.cluster.serve import Probe  # noqa: E402
 from explorer.cluster.jobs import (REPLICA_TTL_SECONDS, SYNC_SECONDS, LocalRedis, SharedJobs,  # noqa: E402
                                    free_port, replica_key)
 from explorer.runtime.engine import ModelWorker  # noqa: E402
@@ -84,6 +86,27 @@ def test_the_probe_reports_a_stuck_worker_and_only_then():
     worker.wait_idle(5)
     probe.check()
     worker.close()
+
+
+def test_the_deploy_configs_are_valid_serve_configs_that_build():
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from explorer.cluster.cli import build
+
+    root = Path(__file__).resolve().parent.parent / "deploy"
+    manifest = list(yaml.safe_load_all((root / "rayservice.yaml").read_text()))
+    service = next(d for d in manifest if d["kind"] == "RayService")
+    for config in (yaml.safe_load((root / "serve-config.yaml").read_text()),
+                   yaml.safe_load(service["spec"]["serveConfigV2"])):
+        app = ServeDeploySchema.model_validate(config).applications[0]
+        assert app.import_path == "explorer.cluster.cli:build"
+        assert isinstance(build(app.args), Application)
+    with pytest.raises(ValueError, match="redis"):
+        build({"model": ["gpt2"]})
+    with pytest.raises(ValueError, match="replica"):  # a flag the command line does not know
+        build({"model": ["gpt2"], "redis": "redis://x:1/0", "replica": 2})
 
 
 @pytest.fixture()
@@ -201,7 +224,8 @@ class Cluster:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.start_seconds = start(parse_args(["--model", str(model_dir), "--replicas", "2", "--port", str(port),
-                                               "--redis", self.redis.url, "--stuck-seconds", "60"]), self.redis.url)
+                                               "--redis", self.redis.url, "--stuck-seconds", "60",
+                                               "--queue-size", "4"]), self.redis.url)
         self.closed = False
 
     def replicas(self) -> dict[str, int]:
@@ -292,6 +316,30 @@ def test_a_job_is_polled_and_cancelled_through_the_other_replica(cluster):
         time.sleep(0.2)
         state = call(cluster.url, f"/jobs/{job}")[1]
     assert state["status"] == "cancelled"
+
+
+def test_a_full_replica_answers_503_with_retry_after(cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"subject": "Eiffel Tower", "samples": 10}
+    with ThreadPoolExecutor(40) as pool:  # 40 new texts at once; each replica queues 4 model requests
+        answers = list(pool.map(lambda i: call_with_headers(
+            cluster.url, "/causal_trace", {"text": f"The Eiffel Tower {i} is in the city of", **body}), range(40)))
+    statuses = sorted(status for status, _ in answers)
+    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+    assert all(int(headers.get("Retry-After", 0)) >= 1 for status, headers in answers if status == 503)
+    assert any(headers.get("X-Replica") for status, headers in answers if status == 503)  # a replica's queue
+
+
+def call_with_headers(base: str, path: str, body: dict) -> tuple[int, Message]:
+    """(status, headers: names case-insensitive, as the proxy sends them in lower case)."""
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, resp.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers
 
 
 def test_a_killed_replica_loses_no_other_request_and_its_job_ends(cluster):

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -26,7 +27,7 @@ APP_NAME = "explorer"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m explorer.cluster",
+    p = argparse.ArgumentParser(prog="python -m explorer.cluster", allow_abbrev=False,
                                 description="Serve the explorer's API from several replicas on Ray Serve.")
     add_model_arguments(p)
     p.add_argument("--replicas", type=int, default=int(env("EXPLORER_REPLICAS", "1")),
@@ -92,7 +93,10 @@ def build(args: dict[str, Any]) -> serve.Application:
                 argv.append(flag)
             elif item is not False and item is not None:
                 argv += [flag, str(item)]
-    parsed = parse_args(argv)
+    try:
+        parsed = parse_args(argv)
+    except SystemExit:  # argparse printed which flag is wrong
+        raise ValueError(f"invalid args {args}: see python -m explorer.cluster --help") from None
     if parsed.redis is None:
         raise ValueError("args.redis is required (redis://HOST:PORT/DB): the replicas share their jobs there")
     return application(options(parsed), parsed.redis)
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     local = None if args.redis else LocalRedis()
     stop = threading.Event()
+    # A local Ray's workers inherit this environment and import the application by module name.
+    root = str(Path(__file__).resolve().parents[2])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     try:
         ray.init(address=args.address, include_dashboard=False)
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # after ray.init, which installs its own

@@ -1,17 +1,16 @@
-"""What the cluster's ingress and replicas do without Ray: which model deployment and routing key a
-request gets, the Flask app called as WSGI inside a replica, and the health probe of a model worker."""
+"""What the cluster's ingress and replicas share, without Ray or torch (the ingress imports only
+this): which model deployment and routing key a request gets, and the Flask app called as WSGI
+inside a replica."""
 from __future__ import annotations
 
 import hashlib
-import time
-from concurrent.futures import Future
-from typing import Iterable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 
 import orjson
-from flask import Flask
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
-from ..runtime.engine import DEFAULT_WAIT_SECONDS, ModelWorker
+if TYPE_CHECKING:
+    from flask import Flask
 
 # The fields that name what a request is about, first present wins: its text (or ids), the clean
 # prompt of a two-prompt request, a generation's prompt, a list of texts.
@@ -70,33 +69,9 @@ def unknown_model(name: object, models: Sequence[str]) -> str:
     return f"model {name!r} is not loaded; loaded models: {', '.join(map(repr, models))}"
 
 
-def call_wsgi(app: Flask, req: Request) -> tuple[int, list[tuple[str, str]], Iterable[bytes]]:
+def call_wsgi(app: "Flask", req: Request) -> tuple[int, list[tuple[str, str]], Iterable[bytes]]:
     """Run `app` on `req` in this thread: (status, headers, body iterable; close it when done)."""
     environ = EnvironBuilder(path=req.path, method=req.method, query_string=req.query,
                              headers=req.headers, data=req.body).get_environ()
     body, status, headers = run_wsgi_app(app, environ)
     return int(status.split(" ", 1)[0]), list(headers.items()), body
-
-
-class Probe:
-    """Whether a model worker still takes work (a replica's health check): a no-op queued behind the
-    requests waiting must have run within `stuck_seconds` (the wait after which a request is answered
-    503, `engine.DEFAULT_WAIT_SECONDS`). A worker stuck in one call never runs it: unhealthy, and Ray
-    Serve replaces the replica."""
-
-    def __init__(self, worker: ModelWorker, stuck_seconds: float = DEFAULT_WAIT_SECONDS) -> None:
-        self.worker = worker
-        self.stuck_seconds = stuck_seconds
-        self._pending: Future[None] | None = None
-        self._since = 0.0
-
-    def check(self) -> None:
-        """Raise RuntimeError when the worker is stuck; otherwise queue the next probe."""
-        if self._pending is None or self._pending.done():
-            self._pending = self.worker.submit(lambda: None, bounded=False)
-            self._since = time.monotonic()
-            return
-        waited = time.monotonic() - self._since
-        if waited > self.stuck_seconds:
-            raise RuntimeError(f"the model worker ran nothing for {waited:.0f} s "
-                               f"(bound {self.stuck_seconds:.0f} s): stuck")

@@ -1,4 +1,5 @@
-"""The Ray Serve application: an ingress (`Router`) and one deployment per model (`ModelServer`).
+"""The Ray Serve application: an ingress (`ingress.Router`) and one deployment per model
+(`ModelServer`, this module: it imports torch and the server, which the ingress never loads).
 
 The ingress reads each request's body, picks the model's deployment and a routing key
 (`forward.route`: model + text, token ids, clean prompt, prompt or text list), and calls the
@@ -12,32 +13,49 @@ that answered. Jobs live in Redis (`jobs.SharedJobs`), so any replica answers `G
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
-import orjson
 import redis
 import torch
 from ray import serve
-from ray.exceptions import RayError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
-from starlette.requests import Request as HttpRequest
-from starlette.responses import Response, StreamingResponse
 
+from ..runtime.engine import DEFAULT_WAIT_SECONDS, ModelWorker
 from ..web.server import create_app, load_configured
-from .forward import FORWARDED_HEADERS, REPLICA_HEADER, Probe, Request, call_wsgi, route
+from .forward import REPLICA_HEADER, Request, call_wsgi
+from .ingress import Router
 from .jobs import SharedJobs
-
-log = logging.getLogger("explorer")
 
 CONSISTENT_HASH = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 HEALTH_CHECK_SECONDS = 5.0
-RETRY_AFTER = "2"  # seconds, when no replica can take a request (Ray's queue full, a replica just died)
+
+
+class Probe:
+    """Whether a model worker still takes work (a replica's health check): a no-op queued behind the
+    requests waiting must have run within `stuck_seconds` (the wait after which a request is answered
+    503, `engine.DEFAULT_WAIT_SECONDS`). A worker stuck in one call never runs it: unhealthy, and Ray
+    Serve replaces the replica."""
+
+    def __init__(self, worker: ModelWorker, stuck_seconds: float = DEFAULT_WAIT_SECONDS) -> None:
+        self.worker = worker
+        self.stuck_seconds = stuck_seconds
+        self._pending: Future[None] | None = None
+        self._since = 0.0
+
+    def check(self) -> None:
+        """Raise RuntimeError when the worker is stuck; otherwise queue the next probe."""
+        if self._pending is None or self._pending.done():
+            self._pending = self.worker.submit(lambda: None, bounded=False)
+            self._since = time.monotonic()
+            return
+        waited = time.monotonic() - self._since
+        if waited > self.stuck_seconds:
+            raise RuntimeError(f"the model worker ran nothing for {waited:.0f} s "
+                               f"(bound {self.stuck_seconds:.0f} s): stuck")
 
 
 class ModelServer:
@@ -89,56 +107,6 @@ class ModelServer:
     def __del__(self) -> None:  # Serve's graceful shutdown: end this replica's jobs now
         if hasattr(self, "jobs"):
             self.jobs.close()
-
-
-class Router:
-    """The ingress: one HTTP request -> the right model deployment, with its text's routing key."""
-
-    def __init__(self, models: dict[str, DeploymentHandle]) -> None:
-        self.models = models
-        self.names = list(models)
-
-    async def __call__(self, http: HttpRequest) -> Response:
-        body = await http.body()
-        plan = route(http.method, http.url.path, body, http.query_params.get("model"), self.names)
-        if plan.error is not None:
-            return error(plan.error, 400)
-        req = Request(http.method, http.url.path, http.url.query,
-                      [(k, v) for k, v in http.headers.items() if k in FORWARDED_HEADERS], body)
-        handle = self.models[plan.model]
-        if plan.key is not None:
-            handle = handle.options(session_id=plan.key)
-        try:
-            if plan.stream:
-                chunks = handle.options(stream=True).answer_stream.remote(req)
-                status, headers = await chunks.__anext__()
-                return StreamingResponse(chunks, status_code=status, headers=dict(headers))
-            if http.url.path == "/models" and len(self.names) > 1:
-                return await self._models(req)
-            status, headers, data = await handle.answer.remote(req)
-        except BackPressureError as exc:
-            return error(f"server busy: every replica of {plan.model!r} has its queue full ({exc}); "
-                         "retry shortly", 503, {"Retry-After": RETRY_AFTER})
-        except RayError as exc:  # the replica died under the request (a kill, a failed health check)
-            log.warning("%s %s: %s", http.method, http.url.path, exc)
-            return error("server busy: the replica serving this request stopped; retry shortly", 503,
-                         {"Retry-After": RETRY_AFTER})
-        return Response(data, status_code=status, headers=dict(headers))
-
-    async def _models(self, req: Request) -> Response:
-        """`GET /models` of several deployments: each one's `/model`, the first the default."""
-        one = req._replace(path="/model", query="")
-        answers = await asyncio.gather(*(h.answer.remote(one) for h in self.models.values()))
-        bad = next((a for a in answers if a[0] != 200), None)
-        if bad is not None:
-            return Response(bad[2], status_code=bad[0], headers=dict(bad[1]))
-        return Response(orjson.dumps({"default": self.names[0], "models": [orjson.loads(a[2]) for a in answers]}),
-                        media_type="application/json")
-
-
-def error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps({"error": message}), status_code=status, headers=headers,
-                    media_type="application/json")
 
 
 def deployment_name(model: str) -> str:
