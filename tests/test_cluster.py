@@ -103,6 +103,18 @@ def test_the_deploy_configs_are_valid_serve_configs_that_build():
         app = ServeDeploySchema.model_validate(config).applications[0]
         assert app.import_path == "explorer.cluster.cli:build"
         assert isinstance(build(app.args), Application)
+    scaled = build({"model": ["a", "b/c"], "redis": "redis://x:1/0", "replicas": 2, "min_replicas": 1,
+                    "max_replicas": 4, "num_gpus": 0.5, "num_cpus": 3, "queue_size": 10, "http_threads": 6})
+    ingress = scaled._bound_deployment
+    models = {name: app._bound_deployment for name, app in ingress.init_args[0].items()}
+    assert ingress.name == "router" and list(models) == ["a", "b/c"]
+    for name, deployment in models.items():
+        assert deployment.name == {"a": "model-a", "b/c": "model-b_c"}[name]
+        assert deployment.ray_actor_options == {"num_cpus": 3, "num_gpus": 0.5}
+        assert deployment.max_ongoing_requests == 16  # the replica's queue and its HTTP threads
+        scaling = deployment._deployment_config.autoscaling_config
+        assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (1, 4, 2)
+        assert deployment.init_args[0]["MODEL"] == [name] and deployment.init_args[2] == 3  # torch threads
     with pytest.raises(ValueError, match="redis"):
         build({"model": ["gpt2"]})
     with pytest.raises(ValueError, match="replica"):  # a flag the command line does not know
@@ -289,6 +301,12 @@ def test_one_text_reaches_one_replica_and_its_cache(cluster):
     assert status == 400 and "layer" in body["error"]  # the single server's errors, unchanged
     assert call(cluster.url, "/nope")[0] == 404
     assert call(cluster.url, "/tokenize", {"text": "a", "model": "nope"})[0] == 400
+    stream = urllib.request.Request(cluster.url + "/generate", headers={"Content-Type": "application/json"},
+                                    data=json.dumps({"prompt": TEXT, "max_new_tokens": 3, "stream": True}).encode())
+    with urllib.request.urlopen(stream, timeout=60) as resp:  # server-sent events, passed through
+        events = resp.read().decode()
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert events.count("event: progress") == 3 and events.count("event: result") == 1
 
 
 def test_twelve_texts_spread_over_both_replicas(cluster):
@@ -369,6 +387,8 @@ def test_a_killed_replica_loses_no_other_request_and_its_job_ends(cluster):
     assert failures == []
     assert len(served_again) == len(mine) and max(served_again.values()) < 30
     state, after = job_state
+    print(f"after the kill: its texts served again within {max(served_again.values()):.1f} s, "
+          f"its job ended {state['status']} after {after:.1f} s")  # shown with pytest -s
     assert state["status"] == "error" and victim in state["error"]
     assert after < REPLICA_TTL_SECONDS + SYNC_SECONDS + 5  # the documented bound, plus polling slack
     deadline = time.monotonic() + 60

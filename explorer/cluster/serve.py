@@ -114,7 +114,7 @@ def deployment_name(model: str) -> str:
 
 
 def application(options: dict[str, Any], redis_url: str) -> serve.Application:
-    """The Serve application for `options` (the command line's, `__main__.parse_args`)."""
+    """The Serve application for `options` (`cli.options`: the command line's flags)."""
     replicas = options["replicas"]
     if options["max_replicas"] is not None:
         scaling: dict[str, Any] = {"autoscaling_config": {
