@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
@@ -10,8 +9,8 @@ import time
 
 from explorer.runtime.engine import DEFAULT_CACHE_BYTES, DEFAULT_WORK_BYTES, tune_allocator
 from explorer.runtime.loading import ModelLoadError, route_library_logs
-from explorer.web.server import (DEFAULTS, add_model_arguments, create_app, load_configured, model_config,
-                                 parse_model_arguments)
+from explorer.web.server import (DEFAULTS, add_model_arguments, create_app, is_loopback, load_configured,
+                                 model_config, parse_model_arguments)
 
 __all__ = ["DEFAULTS", "create_app", "is_loopback", "main", "parse_args"]
 log = logging.getLogger("explorer")
@@ -35,15 +34,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=int(env("EXPLORER_THREADS", "8")),
                    help="HTTP worker threads [EXPLORER_THREADS] (default 8)")
     return parse_model_arguments(p, argv)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Lowest first. `errors` is a leaf every floor may import; `plots` (notebook figures) reads only math.
-FLOORS = ["errors", "runtime", "math", "session", "operations", "web", "plots", "experiments"]
+# Lowest first. `errors` is a leaf every floor may import; `plots` (notebook figures) reads only math;
+# `cluster` (Ray Serve) sits on top, and nothing imports it.
+FLOORS = ["errors", "runtime", "math", "session", "operations", "web", "plots", "experiments", "cluster"]
+CLUSTER_ONLY = ("ray", "redis", "starlette")  # the optional install (requirements-cluster.txt)
 ENTRY_POINTS = {"app", "model_utils", "explorer.__main__"}  # above every floor: the server, facade, runner
 
 
@@ -85,6 +87,21 @@ def test_every_module_belongs_to_a_floor():
 
 def test_imports_go_down_the_floors_and_never_loop():
     assert violations(graph(sources())) == []
+
+
+def test_only_the_cluster_imports_ray_or_redis():
+    """The single server runs without requirements-cluster.txt installed."""
+    def outside(path: Path) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found |= {n for n in names if n.split(".")[0] in CLUSTER_ONLY}
+        return found
+    cluster = ROOT / "explorer" / "cluster"
+    wrong = {module_name(p): outside(p) for p in sources() if cluster not in p.parents and outside(p)}
+    assert wrong == {}
+    assert outside(cluster / "serve.py") >= {"ray.serve.config", "redis"}  # the check sees imports
 
 
 def test_the_checker_sees_an_upward_import_and_a_loop():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
 import os
 import sys
@@ -57,6 +58,16 @@ def host_name(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1]
     return host.rsplit(":", 1)[0]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is loopback-only (then non-loopback Host headers are refused)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def model_names(spec: str | Sequence[str]) -> list[str]:
