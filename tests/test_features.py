@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from app import create_app
 from explorer.math import sae as sae_math
 from explorer.runtime.loading import ModelLoadError
-from explorer.runtime.saes import load_sae, parse_spec, write_random_sae
+from explorer.runtime.saes import for_model, gemma_scope_hook, load_sae, parse_spec, write_random_sae
 from tests.helpers import (CLEAN, TEXT, block_outputs, err, ids_of, ok, reference_decode, reference_encode,
                            reference_params, wait_job)
 
@@ -335,6 +335,12 @@ def test_saes_are_listed(sc, sae_dirs):
 
 # --- loading ----------------------------------------------------------------------------------
 
+def test_each_model_gets_its_saes():
+    specs = ["name=a,/x", "model=m2,name=b,/y", "model=m1,/z"]
+    assert for_model(specs, "m1", default=True) == ["name=a,/x", "model=m1,/z"]
+    assert for_model(specs, "m2", default=False) == ["model=m2,name=b,/y"]
+
+
 def test_spec_options():
     assert parse_spec("name=a,model=m,hook=blocks.1.hook_resid_pre,/x/y") == parse_spec(
         "hook=blocks.1.hook_resid_pre,name=a,model=m,/x/y")
@@ -342,6 +348,10 @@ def test_spec_options():
     assert (s.name, s.model, s.location) == ("res8", None, "jbloom/GPT2-Small-SAEs-Reformatted:blocks.8.hook_resid_pre")
     with pytest.raises(ModelLoadError, match="given twice"):
         parse_spec("name=a,name=b,/x")
+    assert gemma_scope_hook("google/gemma-scope-2b-pt-res:layer_20/width_16k/average_l0_71") == "blocks.20.hook_resid_post"
+    assert gemma_scope_hook("google/gemma-scope-9b-pt-mlp:layer_3/width_16k/x") == "blocks.3.hook_mlp_out"
+    assert gemma_scope_hook("google/gemma-scope-2b-pt-att:layer_1/width_16k/x") == "blocks.1.attn.hook_z"
+    assert gemma_scope_hook("/some/dir/params.npz") is None
 
 
 def rewrite(path, **changes) -> None:

@@ -25,6 +25,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from ..runtime.engine import DEFAULT_WAIT_SECONDS, ModelWorker
+from ..runtime.saes import for_model
 from ..web.server import create_app, load_configured
 from .forward import REPLICA_HEADER, Request, call_wsgi
 from .ingress import Router
@@ -124,8 +125,11 @@ def application(options: dict[str, Any], redis_url: str) -> serve.Application:
         scaling = {"num_replicas": replicas}
     torch_threads = options["torch_threads"] or max(1, int(options["num_cpus"]) or (os.cpu_count() or 1) // replicas)
     deployments = {}
-    for name in options["model"]:
-        config = {**options["config"], "MODEL": [name]}
+    for i, name in enumerate(options["model"]):
+        # The single server's configuration of this one model: its random-weights seed (model i:
+        # seed i) and the SAEs given for it (model=NAME, or none named for the default, first model).
+        config = {**options["config"], "MODEL": [name], "FIRST_SEED": i,
+                  "SAES": for_model(options["config"]["SAES"], name, default=i == 0)}
         deployments[name] = serve.deployment(ModelServer).options(
             name=deployment_name(name),
             ray_actor_options={"num_cpus": options["num_cpus"], "num_gpus": options["num_gpus"]},

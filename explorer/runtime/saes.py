@@ -105,6 +105,12 @@ def parse_spec(spec: str) -> Spec:
     return Spec(rest, **options)
 
 
+def for_model(specs: list[str], name: str, default: bool) -> list[str]:
+    """The `--sae` values served on model `name`: those naming it (`model=`), and those naming no
+    model when it is the `default` (first) one."""
+    return [s for s in specs if parse_spec(s).model == name or (default and parse_spec(s).model is None)]
+
+
 def _config_error(where: str, message: str) -> ModelLoadError:
     return ModelLoadError(f"Could not load the SAE {where}: {message}")
 

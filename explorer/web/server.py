@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "WORK_BYTES": DEFAULT_WORK_BYTES,  # one request's working memory at once, beside the cache
     "QUEUE_SIZE": DEFAULT_QUEUE_SIZE,
     "CHECK_HOST": True,  # reject non-loopback Host headers (DNS rebinding); off for public binds
+    "FIRST_SEED": 0,  # --random-weights: model i gets seed FIRST_SEED + i (a cluster deployment: its model's index)
     "SAES": [],  # --sae values (runtime.saes.Spec strings) or loaded `SAE`s, attached to their models
 }
 
@@ -77,8 +78,9 @@ def model_names(spec: str | Sequence[str]) -> list[str]:
 
 
 def load_models(names: Sequence[str], config: dict[str, Any]) -> list[LoadedModel]:
-    """Load every model `config` names; with random weights, model i gets seed i."""
-    return [load_model(name, random_weights=config["RANDOM_WEIGHTS"], seed=i, device=config["DEVICE"],
+    """Load every model `config` names; with random weights, model i gets seed FIRST_SEED + i."""
+    first = config.get("FIRST_SEED", 0)
+    return [load_model(name, random_weights=config["RANDOM_WEIGHTS"], seed=first + i, device=config["DEVICE"],
                        dtype=config["DTYPE"], device_map=config["DEVICE_MAP"], max_memory=config["MAX_MEMORY"],
                        offload_dir=config["OFFLOAD_DIR"])
             for i, name in enumerate(names)]
