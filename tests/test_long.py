@@ -179,3 +179,48 @@ def test_noisy_runs_split_over_chunks_give_the_same_trace(client, monkeypatch):
     split = ok(client.post("/causal_trace", json=body))
     np.testing.assert_allclose(split["scores"], whole["scores"], rtol=1e-5, atol=1e-9)
     assert split["corrupt_prob"] == pytest.approx(whole["corrupt_prob"], rel=1e-5)
+
+
+@pytest.mark.parametrize("cancellable", [True, False])
+def test_a_cancel_stops_a_long_pass_between_blocks(tiny_model, cancellable):
+    """A cancel that arrives while one forward pass runs (a 1000-token capture takes seconds) stops
+    it after the block running now, not at the end of the pass; an interactive request's pass (not a
+    job's chunk) is never interrupted."""
+    from explorer.errors import Cancelled
+    from explorer.math import forward as fw
+    from explorer.runtime.engine import ModelWorker
+    from explorer.runtime.jobs import Job
+
+    bridge, n_layers = tiny_model.bridge, int(tiny_model.cfg.n_layers)
+    reached: list[int] = []
+    job: Job | None = None
+
+    def block_done(layer: int):
+        def hook(tensor, hook) -> None:
+            reached.append(layer)
+            if layer == 0 and job is not None:
+                job.cancel()  # DELETE while the pass is in block 1
+        return hook
+
+    def pass_() -> None:
+        with bridge.hooks(fwd_hooks=[(fw.resid_hook(l), block_done(l)) for l in range(n_layers)]):
+            fw.forward(bridge, [1, 2, 3, 4, 5])
+
+    def steps():
+        pass_()
+        yield 1.0
+        return "finished"
+
+    worker = ModelWorker(lock=tiny_model.lock)
+    try:
+        if cancellable:
+            job = Job("test", steps(), worker)
+            job.start()
+            with pytest.raises(Cancelled):
+                job.done.result(timeout=30)
+            assert job.status == "cancelled" and reached == [0]
+        else:
+            worker.submit(pass_).result(timeout=30)
+            assert reached == list(range(n_layers))
+    finally:
+        worker.close()

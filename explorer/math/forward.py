@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from ..runtime.jobs import interruptible, stop_if_cancelled
 from ..runtime.loading import execution_device
 
 # Cached float16 patterns hold weight * 2^15: float16's normal range then reaches down to
@@ -66,6 +67,8 @@ def run_until(bridge: Any, tokens: torch.Tensor, hooks: Sequence[tuple[str, Hook
         raise StopForward
 
     attached = [(name, seeing(name, fn)) for name, fn in hooks] + [(stop, halt)]
+    if interruptible():  # a job's chunk: a cancel stops the pass after the block running now
+        attached += [(resid_hook(l), lambda tensor, hook: stop_if_cancelled()) for l in range(int(bridge.cfg.n_layers))]
     try:
         with bridge.hooks(fwd_hooks=attached):
             bridge(tokens)

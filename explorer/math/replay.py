@@ -22,6 +22,7 @@ from typing import Any, Callable, Generator, Sequence
 
 import torch
 
+from ..runtime.jobs import stop_if_cancelled
 from .forward import readout, resid_hook, run_until, to_device_of, tokens_tensor
 
 
@@ -207,6 +208,7 @@ def run_rows(bridge: Any, blocks: Sequence[BlockInputs], starts: Sequence[tuple[
             parts = ([] if state is None else [state]) + [s.to(device) for s in joining]
             state = torch.cat(parts) if len(parts) > 1 else parts[0]
         if layer < n_layers and state is not None:
+            stop_if_cancelled()
             work = state.shape[0] * seq
             if since and since + work > budget.work:
                 yield done / total
@@ -283,6 +285,7 @@ def run_states(bridge: Any, blocks: Sequence[BlockInputs], states: torch.Tensor,
     out[0] = states
     since = 0
     for layer, inputs in enumerate(blocks):
+        stop_if_cancelled()
         if since and since + work > budget.work:
             yield layer / n_layers
             since = 0

@@ -35,6 +35,24 @@ POLL_SECONDS = 0.25  # how often a synchronous run looks at its client between c
 
 Steps = Generator[Any, None, Any]
 
+# What the chunk running on this thread asks to know whether its work was cancelled meanwhile (None:
+# the work is not cancellable, e.g. an interactive request's pass). See `stop_if_cancelled`.
+_chunk = threading.local()
+
+
+def stop_if_cancelled() -> None:
+    """Raise `Cancelled` when the job whose chunk runs on this thread was cancelled meanwhile. Long
+    single passes call it between blocks (`math.forward.run_until`, the replays), so a DELETE or a
+    client that left stops the work within one block instead of waiting for the pass to end."""
+    cancelled = getattr(_chunk, "cancelled", None)
+    if cancelled is not None and cancelled():
+        raise Cancelled()
+
+
+def interruptible() -> bool:
+    """Whether the work on this thread is a cancellable chunk (so passes should check between blocks)."""
+    return getattr(_chunk, "cancelled", None) is not None
+
 
 class Job:
     """One unit of long work and what `GET /jobs/{id}` reports about it."""
@@ -77,6 +95,7 @@ class Job:
             return
         if self.status == "queued":
             self.status = "running"
+        _chunk.cancelled = self._cancel.is_set
         try:
             update = next(self._steps)
             if isinstance(update, dict):
@@ -88,6 +107,9 @@ class Job:
             self.progress = 1.0
             self._finish("done", result=stop.value)
             return
+        except Cancelled:  # stopped inside the chunk (`stop_if_cancelled`)
+            self._finish("cancelled", error="cancelled")
+            return
         except InvalidRequest as exc:
             self._finish("error", error=str(exc))
             return
@@ -95,6 +117,8 @@ class Job:
             log.exception("job %s (%s) failed", self.id, self.kind)
             self._finish("error", error="internal error (details are in the server log)")
             return
+        finally:
+            _chunk.cancelled = None
         if self._listener is not None:
             self._listener({"progress": round(self.progress, 4), **self.detail})
         self._worker.submit(self._step, bounded=False)
