@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import web
 from ..errors import Cancelled, InvalidRequest, Overloaded
+from ..runtime import jlens
 from ..runtime.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_WORK_BYTES, CacheBudget
 from ..runtime.jobs import JobManager
 from ..runtime.loading import (DEVICE_MAPS, LoadedModel, ModelLoadError, load_model, parse_max_memory,
@@ -47,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "WORK_BYTES": DEFAULT_WORK_BYTES,  # one request's working memory at once, beside the cache
     "QUEUE_SIZE": DEFAULT_QUEUE_SIZE,
     "CHECK_HOST": True,  # reject non-loopback Host headers (DNS rebinding); off for public binds
+    "JLENS": [],  # --jlens specs, "[MODEL=]SPEC": Jacobian lenses loaded with the models
+    "JLENS_DIR": jlens.DEFAULT_DIR,  # where POST /jobs/jlens_fit saves lenses
 }
 
 
@@ -93,6 +96,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory for weights --device-map offloads to disk [EXPLORER_OFFLOAD_DIR]")
     p.add_argument("--dtype", default=env("EXPLORER_DTYPE", "float32"),
                    choices=["float32", "bfloat16", "float16"], help="[EXPLORER_DTYPE] (default float32)")
+    p.add_argument("--jlens", action="append", metavar="[MODEL=]SPEC",
+                   help="a Jacobian lens for /lens and /predict: a .pt file or a directory, a registry short name "
+                        "or Hugging Face model id (e.g. gpt2-small), or auto (the registry's lens for the model); "
+                        "MODEL= gives it to a model other than the first; repeatable [EXPLORER_JLENS, comma-separated]")
+    p.add_argument("--jlens-dir", default=env("EXPLORER_JLENS_DIR", jlens.DEFAULT_DIR),
+                   help="where POST /jobs/jlens_fit saves fitted lenses [EXPLORER_JLENS_DIR] (default %(default)s)")
 
 
 def parse_model_arguments(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -100,6 +109,7 @@ def parse_model_arguments(p: argparse.ArgumentParser, argv: list[str] | None) ->
     --model was given); a name given twice is a usage error."""
     args = p.parse_args(argv)
     args.model = model_names(args.model or os.environ.get("EXPLORER_MODEL", "gpt2"))
+    args.jlens = model_names(args.jlens or os.environ.get("EXPLORER_JLENS", ""))
     if len(set(args.model)) != len(args.model):
         p.error(f"--model names a model twice: {', '.join(args.model)}")
     return args
@@ -109,7 +119,8 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     """The app configuration the model flags give."""
     return {"MODEL": args.model,
             "RANDOM_WEIGHTS": args.random_weights, "DEVICE": args.device, "DTYPE": args.dtype,
-            "DEVICE_MAP": args.device_map, "MAX_MEMORY": args.max_memory, "OFFLOAD_DIR": args.offload_dir}
+            "DEVICE_MAP": args.device_map, "MAX_MEMORY": args.max_memory, "OFFLOAD_DIR": args.offload_dir,
+            "JLENS": args.jlens, "JLENS_DIR": args.jlens_dir}
 
 
 def load_configured(config: dict[str, Any]) -> list[LoadedModel] | None:
@@ -122,6 +133,7 @@ def load_configured(config: dict[str, Any]) -> list[LoadedModel] | None:
         if isinstance(config["MAX_MEMORY"], str):
             config["MAX_MEMORY"] = parse_max_memory(config["MAX_MEMORY"])
         models = load_models(names, config)
+        jlens.attach(models, config["JLENS"])
     except ModelLoadError as exc:
         print(f"\nerror: {exc}\n", file=sys.stderr)
         return None
@@ -150,7 +162,7 @@ def create_app(config: dict[str, Any] | None = None,
     loaded = [model] if isinstance(model, LoadedModel) else list(model)
     budget = CacheBudget(app.config["CACHE_BYTES"])  # one bound for all models' caches
     models = Models([Explorer(m, queue_size=app.config["QUEUE_SIZE"], budget=budget,
-                              work_bytes=app.config["WORK_BYTES"]) for m in loaded])
+                              work_bytes=app.config["WORK_BYTES"], lens_dir=app.config["JLENS_DIR"]) for m in loaded])
     app.extensions["models"] = models
     app.extensions["explorer"] = models.default
     app.extensions["jobs"] = JobManager()
