@@ -3,6 +3,7 @@
 validators and the tokenizer round-trip on arbitrary unicode."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -38,8 +39,9 @@ class CancellingJobs(JobManager):
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(tiny_model):
-    app = create_app({"TESTING": True}, model=tiny_model)
+def fuzz_app(tiny_model, tmp_path_factory):
+    app = create_app({"TESTING": True, "JLENS_DIR": str(tmp_path_factory.mktemp("jlens"))},
+                     model=dataclasses.replace(tiny_model, lenses={}))
     app.extensions["jobs"] = CancellingJobs()
     return app
 

@@ -43,17 +43,9 @@ def with_lens(model, lens: JacobianLens, name: str = "test") -> None:
 
 
 @pytest.fixture()
-def jmodel(tiny_model):
-    return fresh(tiny_model)
-
-
-@pytest.fixture()
-def jclient(jmodel, tmp_path):
-    app = create_app({"TESTING": True, "JLENS_DIR": str(tmp_path / "lenses")}, model=jmodel)
-    yield app.test_client()
-    for job in list(app.extensions["jobs"]._jobs.values()):
-        job.cancel()
-    app.extensions["explorer"].worker.wait_idle(60)
+def jmodel(app):
+    """The test app's model: its own lenses (none yet), saved under tmp_path / "jlens" (conftest)."""
+    return app.extensions["explorer"].model
 
 
 @pytest.fixture(scope="module")
@@ -71,25 +63,25 @@ def without_lens(answer: dict) -> dict:
 
 # --- the grid ---------------------------------------------------------------------------------
 
-def test_identity_lens_is_the_logit_lens_exactly(jclient, jmodel):
+def test_identity_lens_is_the_logit_lens_exactly(client, jmodel):
     d_model, n_layers = jmodel.cfg.d_model, jmodel.cfg.n_layers
     with_lens(jmodel, JacobianLens({l: torch.eye(d_model) for l in range(n_layers - 1)}, n_prompts=1,
                                    d_model=d_model))
-    logit = grid(jclient)
-    jacobian = grid(jclient, lens="jacobian")
+    logit = grid(client)
+    jacobian = grid(client, lens="jacobian")
     assert jacobian["lens"] == "jacobian" and jacobian["artifact"]["name"] == "test"
     assert without_lens(jacobian) == logit  # every number, exactly
-    assert grid(jclient, lens="logit") == {"lens": "logit", **logit}
+    assert grid(client, lens="logit") == {"lens": "logit", **logit}
     body = {"text": GRID_TEXT, "token_index": 5, "top_k": 7}
-    assert without_lens(ok(jclient.post("/predict", json={**body, "lens": "jacobian"}))) == \
-        ok(jclient.post("/predict", json=body))
+    assert without_lens(ok(client.post("/predict", json={**body, "lens": "jacobian"}))) == \
+        ok(client.post("/predict", json=body))
 
 
-def test_fitted_lens_cells_equal_the_library_readout(jclient, jmodel, tiny_lens):
+def test_fitted_lens_cells_equal_the_library_readout(client, jmodel, tiny_lens):
     with_lens(jmodel, tiny_lens)
     bridge, n_layers = jmodel.bridge, jmodel.cfg.n_layers
-    answer = grid(jclient, lens="jacobian")
-    ids = [t["token_id"] for t in ok(jclient.post("/tokenize", json={"text": GRID_TEXT}))["tokens"]]
+    answer = grid(client, lens="jacobian")
+    ids = [t["token_id"] for t in ok(client.post("/tokenize", json={"text": GRID_TEXT}))["tokens"]]
     ref = tiny_lens.readout(bridge, torch.tensor([ids]), top_k=5, return_full_logits=True)
     logits = torch.stack([ref.lens_logits[l] for l in range(n_layers)]).double()  # [n_layers, seq, d_vocab]
     logp = logits.log_softmax(-1)
@@ -108,9 +100,9 @@ def test_fitted_lens_cells_equal_the_library_readout(jclient, jmodel, tiny_lens)
     model_p = ref.model_logits.double().softmax(-1)
     assert np.allclose([[t["probability"] for t in cell] for cell in answer["final"]],
                        model_p.topk(5, -1).values.numpy(), atol=TOL, rtol=0)
-    logit = grid(jclient)
+    logit = grid(client)
     assert answer["top"][:-1] != logit["top"][:-1] and answer["top"][-1] == logit["top"][-1]
-    predicted = ok(jclient.post("/predict", json={"text": GRID_TEXT, "token_index": 4, "top_k": 3,
+    predicted = ok(client.post("/predict", json={"text": GRID_TEXT, "token_index": 4, "top_k": 3,
                                                   "lens": "jacobian"}))
     for layer in predicted["predictions_by_layer"]:
         row = logits[layer["layer"], 4]
@@ -118,25 +110,25 @@ def test_fitted_lens_cells_equal_the_library_readout(jclient, jmodel, tiny_lens)
         assert np.allclose([t["logit"] for t in layer["top_tokens"]], row.topk(3).values.numpy(), atol=5e-5 + TOL)
 
 
-def test_lens_choice_errors(jclient, jmodel, tiny_model):
-    assert "no Jacobian lens is loaded" in err(jclient.post("/lens", json={"text": TEXT, "lens": "jacobian"}))
-    assert "jlens" in err(jclient.post("/lens", json={"text": TEXT, "jlens": "x"}))
-    assert "lens must be one of" in err(jclient.post("/lens", json={"text": TEXT, "lens": "tuned"}))
+def test_lens_choice_errors(client, jmodel, tiny_model):
+    assert "no Jacobian lens is loaded" in err(client.post("/lens", json={"text": TEXT, "lens": "jacobian"}))
+    assert "jlens" in err(client.post("/lens", json={"text": TEXT, "jlens": "x"}))
+    assert "lens must be one of" in err(client.post("/lens", json={"text": TEXT, "lens": "tuned"}))
     with_lens(jmodel, fitted(tiny_model.bridge, source_layers=[0]), "partial")
-    assert "every layer" in err(jclient.post("/predict", json={"text": TEXT, "token_index": 1, "lens": "jacobian"}))
-    assert "'nope' is not loaded" in err(jclient.post("/lens", json={"text": TEXT, "lens": "jacobian", "jlens": "nope"}))
+    assert "every layer" in err(client.post("/predict", json={"text": TEXT, "token_index": 1, "lens": "jacobian"}))
+    assert "'nope' is not loaded" in err(client.post("/lens", json={"text": TEXT, "lens": "jacobian", "jlens": "nope"}))
 
 
 # --- fitting as a job, saving and loading ------------------------------------------------------
 
-def test_fit_job_equals_library_fit_and_is_usable_at_once(jclient, jmodel, tmp_path):
-    r = jclient.post("/jobs/jlens_fit", json={"texts": CORPUS, "name": "mine"})
+def test_fit_job_equals_library_fit_and_is_usable_at_once(client, jmodel, tmp_path):
+    r = client.post("/jobs/jlens_fit", json={"texts": CORPUS, "name": "mine"})
     assert r.status_code == 202, r.get_json()
-    state = wait_job(jclient, r.get_json()["job"], timeout=300)
+    state = wait_job(client, r.get_json()["job"], timeout=300)
     assert state["status"] == "done", state
     result = state["result"]
     path = result["path"]
-    assert path == str(tmp_path / "lenses" / "mine.pt") and result["texts"] == len(CORPUS)
+    assert path == str(tmp_path / "jlens" / "mine.pt") and result["texts"] == len(CORPUS)
     direct = JacobianLens.fit(jmodel.bridge, CORPUS, corpus=result["artifact"]["corpus"], show_progress=False,
                               max_seq_len=jmodel.cfg.n_ctx)  # the job caps its default (128) at n_ctx
     saved = JacobianLens.load(path)
@@ -145,8 +137,8 @@ def test_fit_job_equals_library_fit_and_is_usable_at_once(jclient, jmodel, tmp_p
         assert torch.equal(saved.jacobians[layer], direct.jacobians[layer].half().float())
     assert saved.metadata == direct.metadata
     # listed and usable at once, by name; the grid equals the library's readout of the saved lens
-    assert [lens["name"] for lens in ok(jclient.get("/model"))["lenses"]] == ["mine"]
-    answer = grid(jclient, lens="jacobian", jlens="mine")
+    assert [lens["name"] for lens in ok(client.get("/model"))["lenses"]] == ["mine"]
+    answer = grid(client, lens="jacobian", jlens="mine")
     assert answer["artifact"]["source"]["path"] == path and answer["artifact"]["n_prompts"] == len(CORPUS)
     # save -> load: --jlens PATH serves the same lens, hence the same answer
     again = fresh(jmodel)
@@ -155,15 +147,15 @@ def test_fit_job_equals_library_fit_and_is_usable_at_once(jclient, jmodel, tmp_p
     reloaded = create_app({"TESTING": True}, model=again).test_client()
     assert grid(reloaded, lens="jacobian") == answer
     # the name is taken now
-    assert "taken" in err(jclient.post("/jobs/jlens_fit", json={"texts": CORPUS, "name": "mine"}))
+    assert "taken" in err(client.post("/jobs/jlens_fit", json={"texts": CORPUS, "name": "mine"}))
 
 
-def test_fit_job_reports_progress_and_cancels(jclient, jmodel, tmp_path):
-    job = jclient.post("/jobs/jlens_fit", json={"texts": CORPUS * 20, "name": "cancelled"}).get_json()["job"]
-    assert ok(jclient.delete(f"/jobs/{job}"))["status"] in ("cancelling", "cancelled")
-    state = wait_job(jclient, job, timeout=120)
+def test_fit_job_reports_progress_and_cancels(client, jmodel, tmp_path):
+    job = client.post("/jobs/jlens_fit", json={"texts": CORPUS * 20, "name": "cancelled"}).get_json()["job"]
+    assert ok(client.delete(f"/jobs/{job}"))["status"] in ("cancelling", "cancelled")
+    state = wait_job(client, job, timeout=120)
     assert state["status"] == "cancelled" and state["progress"] < 1
-    assert "cancelled" not in jmodel.lenses and not (tmp_path / "lenses" / "cancelled.pt").exists()
+    assert "cancelled" not in jmodel.lenses and not (tmp_path / "jlens" / "cancelled.pt").exists()
 
 
 @pytest.mark.parametrize("body, message", [
@@ -176,8 +168,8 @@ def test_fit_job_reports_progress_and_cancels(jclient, jmodel, tmp_path):
     ({"texts": CORPUS, "name": "x", "max_seq_len": 65}, "max_seq_len must be between 18 and 64"),
     ({"texts": CORPUS}, "name is required"),
 ])
-def test_fit_job_refuses_bad_requests(jclient, body, message):
-    assert message in err(jclient.post("/jobs/jlens_fit", json=body))
+def test_fit_job_refuses_bad_requests(client, body, message):
+    assert message in err(client.post("/jobs/jlens_fit", json=body))
 
 
 def test_jlens_spec_loading(jmodel, tiny_lens, tmp_path, monkeypatch):
@@ -214,7 +206,7 @@ def test_jlens_spec_loading(jmodel, tiny_lens, tmp_path, monkeypatch):
 def test_every_family_reads_the_library_lens_or_refuses(name, tmp_path):
     build(name, str(tmp_path / "model"))
     model = load_model(str(tmp_path / "model"), device="cpu")
-    client = create_app({"TESTING": True, "JLENS_DIR": str(tmp_path / "lenses")}, model=model).test_client()
+    client = create_app({"TESTING": True, "JLENS_DIR": str(tmp_path / "jlens")}, model=model).test_client()
     if not FAMILIES[name].causal:
         for path, body in (("/lens", {"text": TEXT, "lens": "jacobian"}),
                            ("/predict", {"text": TEXT, "token_index": 1, "lens": "jacobian"}),
@@ -233,4 +225,45 @@ def test_every_family_reads_the_library_lens_or_refuses(name, tmp_path):
     assert np.allclose(got, p.topk(3, -1).values.numpy(), atol=TOL, rtol=0)
     assert np.allclose([[t["probability"] for t in cell] for cell in answer["final"]],
                        ref.model_logits.double().softmax(-1).topk(3, -1).values.numpy(), atol=TOL, rtol=0)
-    assert os.path.exists(tmp_path / "lenses" / "fam.pt")
+    assert os.path.exists(tmp_path / "jlens" / "fam.pt")
+
+
+# --- steering along a lens direction -----------------------------------------------------------
+
+def test_jlens_steering_vector_is_the_library_lens_vector(client, jmodel, tiny_lens):
+    with_lens(jmodel, tiny_lens)
+    body = {"layer": 1, "site": "resid_post", "vector": {"kind": "jlens", "token": " Paris"}, "coefficient": 2.5}
+    answer = ok(client.post("/steering_vector", json=body))
+    token = jmodel.bridge.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    expected = 2.5 * tiny_lens.lens_vectors(jmodel.bridge, token, 1)[0]
+    assert np.allclose(answer["values"], expected.numpy(), atol=1e-6, rtol=0)
+    assert "site must be \"resid_post\"" in err(client.post("/steering_vector", json={**body, "site": "resid_pre"}))
+    assert "has matrices for layers [0, 1], not 2" in err(client.post("/steering_vector", json={**body, "layer": 2}))
+    assert "vector.jlens 'x' is not loaded" in err(client.post(
+        "/steering_vector", json={**body, "vector": {"kind": "jlens", "token": " Paris", "jlens": "x"}}))
+
+
+def test_generate_steered_along_a_lens_direction_equals_the_library_steering_hooks(client, jmodel, tiny_lens):
+    """The library adds alpha x the median residual norm x the unit lens vector: the same addition
+    as unit: true with that coefficient. Compared on the prompt's pass (the first new token)."""
+    with_lens(jmodel, tiny_lens)
+    bridge, layer, alpha = jmodel.bridge, 1, 4.0
+    ids = [t["token_id"] for t in ok(client.post("/tokenize", json={"text": FACT}))["tokens"]]
+    tokens = torch.tensor([ids])
+    got = {}
+    with torch.no_grad():
+        bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.hook_out",
+                                                  lambda t, hook: got.setdefault("h", t.detach().clone()))])
+        median = float(got["h"].float().norm(dim=-1).median())
+        hooks = tiny_lens.steering_hooks(bridge, " Paris", [layer], alpha=alpha)
+        expected = bridge.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].double().log_softmax(-1)
+    answer = ok(client.post("/generate", json={"prompt": FACT, "max_new_tokens": 1, "alternatives": 5, "steer": [
+        {"layer": layer, "site": "resid_post", "vector": {"kind": "jlens", "token": " Paris"}, "unit": True,
+         "coefficient": alpha * median}]}))
+    step = answer["generated"][0]
+    assert step["token_id"] == int(expected.argmax())
+    assert abs(step["logprob"] - float(expected.max())) < TOL
+    assert np.allclose([a["probability"] for a in step["alternatives"]], expected.exp().topk(5).values.numpy(),
+                       atol=TOL, rtol=0)
+    plain = ok(client.post("/generate", json={"prompt": FACT, "max_new_tokens": 1}))["generated"][0]
+    assert abs(plain["logprob"] - step["logprob"]) > 1e-3  # the steering acted

@@ -115,13 +115,9 @@ class Reading:
         return {"lens": "logit"} if self.jl is None else {"lens": "jacobian", "artifact": self.jl.info()}
 
 
-def reading(ex: Explorer, lens: str, jlens: str | None) -> Reading:
-    """The request's lens; 400 when the model cannot use a Jacobian lens, none is loaded, or the one
-    named does not exist or lacks a layer."""
-    if lens == "logit":
-        if jlens is not None:
-            raise InvalidRequest('jlens names a Jacobian lens; give it with lens: "jacobian"')
-        return Reading()
+def loaded_lens(ex: Explorer, jlens: str | None, field: str = "jlens") -> LoadedLens:
+    """The loaded Jacobian lens named `jlens` (None: the first); 400 when the model cannot use one,
+    none is loaded or the name is not loaded."""
     model = ex.model
     why = unusable(ex.bridge)
     if why is not None:
@@ -132,12 +128,21 @@ def reading(ex: Explorer, lens: str, jlens: str | None) -> Reading:
                              "--jlens SPEC (a lens file, a registry name, or auto), or fit one with POST /jobs/jlens_fit")
     name = loaded[0] if jlens is None else jlens
     if name not in model.lenses:
-        raise InvalidRequest(f"jlens {jlens!r} is not loaded for model {model.name!r}; loaded lenses: "
+        raise InvalidRequest(f"{field} {jlens!r} is not loaded for model {model.name!r}; loaded lenses: "
                              f"{', '.join(map(repr, loaded))}")
-    jl = model.lenses[name]
+    return model.lenses[name]
+
+
+def reading(ex: Explorer, lens: str, jlens: str | None) -> Reading:
+    """The request's lens; 400 when a Jacobian lens cannot be had (`loaded_lens`) or lacks a layer."""
+    if lens == "logit":
+        if jlens is not None:
+            raise InvalidRequest('jlens names a Jacobian lens; give it with lens: "jacobian"')
+        return Reading()
+    jl = loaded_lens(ex, jlens)
     n_layers = int(ex.cfg.n_layers)
     if not jl.covers(n_layers):
-        raise InvalidRequest(f"jlens {name!r} has matrices for layers {jl.lens.source_layers}; a lens grid reads "
+        raise InvalidRequest(f"jlens {jl.name!r} has matrices for layers {jl.lens.source_layers}; a lens grid reads "
                              f"every layer 0 .. {n_layers - 2} through it: fit one without source_layers")
     return Reading(jl)
 
@@ -169,7 +174,7 @@ def predict(ex: Explorer, req: PredictRequest) -> dict[str, Any]:
             for layer in range(lens.probs.shape[0])])
 
 
-def _prefetch(ex: Explorer, text: Text, position: int, seq: int, how: Reading) -> None:
+def _prefetch(ex: Explorer, text: Text, position: int, seq: int, how: Reading = Reading()) -> None:
     """Queue idle-time lens computations for the positions nearest `position` not cached yet."""
     for p in sorted(range(seq), key=lambda p: (abs(p - position), p))[:PREFETCH_POSITIONS]:
         key = how.key("lens", text, p)

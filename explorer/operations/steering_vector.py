@@ -15,8 +15,9 @@ from ..math import steering
 from ..math.steps import Steps
 from ..session import Explorer
 from . import precision
-from .base import (AsyncRequest, Cost, TokenRef, admit, check_count, check_index, check_top_k, each_text, forward_work,
-                   operation, require_causal, shape)
+from .base import (AsyncRequest, Cost, TokenRef, TokenSpec, admit, check_count, check_index, check_top_k, each_text,
+                   forward_work, operation, require_causal, shape, token_id)
+from .predict import loaded_lens
 
 MAX_CONTRAST_TEXTS = 64
 MAX_COEFFICIENT = 1e6
@@ -44,10 +45,22 @@ class ValuesVector(BaseModel):
     values: list[float] = Field(description="d_model numbers.")
 
 
-Vector = Annotated[Union[ActAddVector, MeanDiffVector, ValuesVector], Field(discriminator="kind", description=(
-    'actadd: the residual of `positive` minus that of `negative`, position by position (the shorter '
-    'padded on the right with the space token); mean_diff: the mean last-position residual of the '
-    'positive texts minus that of the negative texts; values: given.'))]
+class JLensVector(BaseModel):
+    model_config = STRICT
+    kind: Literal["jlens"]
+    token: TokenSpec = Field(description="The token to steer toward: a string that is exactly one token, or an id.")
+    jlens: Optional[StrictStr] = Field(default=None, description=(
+        "Which loaded Jacobian lens (GET /model: lenses[].name); default: the first."))
+
+
+Vector = Annotated[Union[ActAddVector, MeanDiffVector, ValuesVector, JLensVector], Field(
+    discriminator="kind", description=(
+        'actadd: the residual of `positive` minus that of `negative`, position by position (the shorter '
+        'padded on the right with the space token); mean_diff: the mean last-position residual of the '
+        'positive texts minus that of the negative texts; values: given; jlens: the Jacobian lens vector '
+        'of `token` at the layer, J[layer]^T W_U[:, token] (TransformerLens\' JacobianLens.lens_vectors), '
+        'added at resid_post of a layer the lens has a matrix for. The library\'s steering hooks add it '
+        'as unit: true with coefficient alpha x the median residual norm.'))]
 
 
 class VectorFields(BaseModel):
@@ -127,6 +140,20 @@ def plan(ex: Explorer, spec: VectorFields, where: str) -> Planned:
             return finish(torch.tensor(vector.values, dtype=torch.float32))
             yield  # a generator: computed on the worker like the others
         return Planned(spec, given, 0.0, 1)
+    if isinstance(vector, JLensVector):
+        jl = loaded_lens(ex, vector.jlens, f"{where}vector.jlens")
+        if spec.layer not in jl.lens.jacobians:
+            raise InvalidRequest(f"{where}layer: Jacobian lens {jl.name!r} has matrices for layers "
+                                 f"{jl.lens.source_layers}, not {spec.layer}")
+        if spec.site != "resid_post":
+            raise InvalidRequest(f"{where}site must be \"resid_post\" for a jlens vector: the lens maps the output of "
+                                 f"block {spec.layer}, and its vector lives there")
+        token = token_id(ex, f"{where}vector.token", vector.token)
+
+        def lens_vector() -> Steps:
+            return finish(jl.lens.lens_vectors(bridge, token, spec.layer)[0])
+            yield  # a generator, as the others
+        return Planned(spec, lens_vector, 0.0, 1)
     if isinstance(vector, ActAddVector):
         (pos, pos_strs), (neg, neg_strs) = ex.tokens(vector.positive), ex.tokens(vector.negative)
         space = ex.encode(" ")
