@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from app import create_app  # noqa: E402
 from bench.bench import Texts, median  # noqa: E402
-from bench.lens_bench import LENS_TOKENS, request  # noqa: E402
+from bench.lens_bench import LENS_TOKENS, print_rows, request  # noqa: E402
 from explorer.runtime import jlens  # noqa: E402
 from explorer.runtime.engine import tune_allocator  # noqa: E402
 from explorer.runtime.loading import load_model, random_gpt2  # noqa: E402
@@ -101,10 +101,7 @@ def main() -> int:
             tempfile.TemporaryDirectory(prefix="bench-jlens-") as lens_dir:
         random_gpt2(model_dir).save_pretrained(model_dir)
         rows = run(model_dir, args.quick, args.device, args.fit_tokens, lens_dir)
-    print("| measurement | ours ms | reference ms | ratio |\n|---|---|---|---|")
-    for name, ours, ref, ratio in rows:
-        print(f"| {name} | {ours:.1f} | {ref:.1f} | {ratio:.2f}x |")
-    print(f"({'quick, ' if args.quick else ''}{args.device}, {time.perf_counter() - start:.0f} s)")
+    print_rows(rows, args.quick, args.device, start)
     return 0
 
 

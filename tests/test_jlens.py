@@ -267,3 +267,28 @@ def test_generate_steered_along_a_lens_direction_equals_the_library_steering_hoo
                        atol=TOL, rtol=0)
     plain = ok(client.post("/generate", json={"prompt": FACT, "max_new_tokens": 1}))["generated"][0]
     assert abs(plain["logprob"] - step["logprob"]) > 1e-3  # the steering acted
+
+
+def test_jlens_flag_loads_with_the_models_or_explains(tiny_dir, tiny_model, tiny_lens, tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from explorer.web.server import add_model_arguments, load_configured, model_config, parse_model_arguments
+
+    path = tmp_path / "flag.pt"
+    tiny_lens.save(str(path))
+
+    def configured(*argv: str) -> dict:
+        p = argparse.ArgumentParser()
+        add_model_arguments(p)
+        return model_config(parse_model_arguments(p, ["--model", str(tiny_dir), "--device", "cpu", *argv]))
+
+    monkeypatch.setenv("EXPLORER_JLENS", "")
+    config = configured("--jlens", f"{tiny_dir}={path}")
+    assert config["JLENS"] == [f"{tiny_dir}={path}"]
+    models = load_configured(config)
+    assert list(models[0].lenses) == ["flag"] and models[0].lenses["flag"].source["path"] == str(path)
+    assert load_configured(configured("--jlens", str(tmp_path / "missing.pt"))) is None
+    out = capsys.readouterr().err
+    assert "Could not load the Jacobian lens" in out and "Traceback" not in out
+    monkeypatch.setenv("EXPLORER_JLENS", str(path))
+    assert configured()["JLENS"] == [str(path)]
