@@ -84,7 +84,7 @@ def run(model_dir: str, quick: bool, device: str, fit_tokens: int, lens_dir: str
          median([j / l for j, l in zip(cold_j, cold_l)])),
         (f"/lens jacobian warm / cold, same {LENS_TOKENS}-token text (cold is how many times warm)", median(warm_j),
          median(cold_j), median(cold_j) / median(warm_j)),
-        (f"/jobs/jlens_fit, seconds per {fit_tokens}-token text ({n_fit} texts)", per_text * 1000, float("nan"),
+        (f"/jobs/jlens_fit, ms per {fit_tokens}-token text ({n_fit} texts; no reference)", per_text * 1000, float("nan"),
          float("nan")),
     ]
 

@@ -54,14 +54,14 @@ class LoadedLens:
 
 
 def unusable(bridge: Any) -> str | None:
-    """Why `bridge` cannot use a Jacobian lens (the library's own check, through a probe lens of
-    identity matrices), or None when it can."""
+    """Why `bridge` cannot use a Jacobian lens (the library's own check, through a probe lens whose
+    matrix is a broadcast zero: no d_model^2 memory), or None when it can."""
     from transformer_lens.tools.analysis import JacobianLens
 
     n_layers, d_model = int(bridge.cfg.n_layers), int(bridge.cfg.d_model)
     if n_layers < 2:
         return "a Jacobian lens transports layers below the last one, and this model has a single layer"
-    probe = JacobianLens({0: torch.eye(d_model)}, n_prompts=0, d_model=d_model)
+    probe = JacobianLens({0: torch.zeros(()).expand(d_model, d_model)}, n_prompts=0, d_model=d_model)
     try:
         probe.validate_model(bridge)
     except (TypeError, ValueError) as exc:
