@@ -193,6 +193,9 @@ def test_jlens_spec_loading(jmodel, tiny_lens, tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache") as info:
         jlens.load("gpt2-small", jmodel)
     assert "--jlens takes" in str(info.value)
+    hub_gpt2 = dataclasses.replace(fresh(jmodel), source={"kind": "hub", "id": "gpt2"})
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):  # auto found its registry lens
+        jlens.load("auto", hub_gpt2)
     other = JacobianLens({0: torch.eye(32)}, n_prompts=1, d_model=32)
     other.save(str(tmp_path / "other.pt"))
     with pytest.raises(ModelLoadError, match="d_model"):
