@@ -109,7 +109,6 @@ def parse_model_arguments(p: argparse.ArgumentParser, argv: list[str] | None) ->
     --model was given); a name given twice is a usage error."""
     args = p.parse_args(argv)
     args.model = model_names(args.model or os.environ.get("EXPLORER_MODEL", "gpt2"))
-    args.jlens = model_names(args.jlens or os.environ.get("EXPLORER_JLENS", ""))
     if len(set(args.model)) != len(args.model):
         p.error(f"--model names a model twice: {', '.join(args.model)}")
     return args
@@ -120,7 +119,7 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"MODEL": args.model,
             "RANDOM_WEIGHTS": args.random_weights, "DEVICE": args.device, "DTYPE": args.dtype,
             "DEVICE_MAP": args.device_map, "MAX_MEMORY": args.max_memory, "OFFLOAD_DIR": args.offload_dir,
-            "JLENS": args.jlens, "JLENS_DIR": args.jlens_dir}
+            "JLENS": model_names(args.jlens or os.environ.get("EXPLORER_JLENS", "")), "JLENS_DIR": args.jlens_dir}
 
 
 def load_configured(config: dict[str, Any]) -> list[LoadedModel] | None:
