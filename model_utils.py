@@ -55,7 +55,7 @@ class Explorer(Session):
         body = {k: v for k, v in body.items() if v is not None or k in fields}
         return op, parse(op.request, body), body
 
-    def answer(self, name: str, *args: Any, **fields: Any) -> Any:
+    def answer(self, name: str, /, *args: Any, **fields: Any) -> Any:
         """The response of operation `name` (the endpoint's path without its slash) to these fields;
         with `provenance=True` it carries its provenance, as over HTTP."""
         op, req, body = self._request(name, args, fields)
@@ -64,7 +64,7 @@ class Explorer(Session):
             result = self.jobs.run(op.kind, result, self.worker)
         return {**result, "provenance": op.stamp(self, body, req)} if req.provenance else result
 
-    def start(self, name: str, *args: Any, **fields: Any) -> Job:
+    def start(self, name: str, /, *args: Any, **fields: Any) -> Job:
         """Start a long operation (patch, causal_trace, ablate, attribution_patch, chg) as a job;
         its result carries its provenance, as a server's job does."""
         op, req, body = self._request(name, args, fields)

@@ -138,11 +138,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-gpt2-") as model_dir:
         random_gpt2(model_dir).save_pretrained(model_dir)
         rows = run(model_dir, args.quick, args.device)
+    print_rows(rows, args.quick, args.device, start)
+    return 0
+
+
+def print_rows(rows: list[tuple[str, float, float, float]], quick: bool, device: str, start: float) -> None:
+    """The measurements as a markdown table, then the run's settings and duration."""
     print("| measurement | ours ms | reference ms | ratio |\n|---|---|---|---|")
     for name, ours, ref, ratio in rows:
         print(f"| {name} | {ours:.1f} | {ref:.1f} | {ratio:.2f}x |")
-    print(f"({'quick, ' if args.quick else ''}{args.device}, {time.perf_counter() - start:.0f} s)")
-    return 0
+    print(f"({'quick, ' if quick else ''}{device}, {time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

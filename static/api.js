@@ -90,11 +90,20 @@ export const trace = (text, token_indices) => call("POST", "/trace", { text, tok
 export const attention = (text, layer, head = null, model = undefined) =>
   call("POST", "/attention", { text, layer, head, model });
 
-export const predict = (text, token_index, top_k = 5) => call("POST", "/predict", { text, token_index, top_k });
+// lens: {} (the logit lens, the original request) or {lens: "jacobian", jlens: NAME}.
+export const predict = (text, token_index, top_k = 5, lens = {}) =>
+  call("POST", "/predict", { text, token_index, top_k, ...lens });
 
-// Logit lens grid: positions omitted = every position; target = a one-token string or a token id.
-export const lens = (text, { positions, target, top_k = 1, model } = {}) =>
-  call("POST", "/lens", { text, positions, target, top_k, model });
+// Logit lens grid: positions omitted = every position; target = a one-token string or a token id;
+// lens, jlens: as for predict.
+export const lens = (text, { positions, target, top_k = 1, model, lens, jlens } = {}) =>
+  call("POST", "/lens", { text, positions, target, top_k, model, lens, jlens });
+
+// GET /model of the chosen model (its `lenses`, after a fit).
+export const getModel = () => call("GET", chosenModel ? `/model?model=${encodeURIComponent(chosenModel)}` : "/model");
+
+// Fit a Jacobian lens on texts (a job; the lens is usable by name once it is done).
+export const startJlensFit = (texts, name) => call("POST", "/jobs/jlens_fit", { texts, name });
 
 // token_logprobs, perplexity and the next-token distribution of 1-16 texts (one padded batch).
 export const score = (texts, temperature = 1, top_k = 5) => call("POST", "/score", { texts, temperature, top_k });

@@ -1,18 +1,62 @@
 // Logit lens view: for one position, each layer's top-k next-token guesses (the residual stream
 // read through the final layer norm and unembedding), as a layers x top-k table of bars.
-// The grid mode: see lensgrid.js.
+// The grid mode: see lensgrid.js. The Lens switch reads either through a loaded Jacobian lens
+// (each layer first mapped into the output's basis); with a target the grid's chart then also
+// draws the logit lens's probability curve. The Fit button fits a Jacobian lens as a job.
 import * as api from "./api.js";
 import { tokenSpec } from "./api.js";
-import { $ } from "./dom.js";
-import { drawLensGrid, fillShades, gridWindow } from "./lensgrid.js";
+import { $, options } from "./dom.js";
+import { jobControls } from "./jobs.js";
+import { drawLensGrid, fillShades, gridWindow, lensTitle } from "./lensgrid.js";
 import { el, figure, percent, readable, showToken } from "./svg.js";
 
 const ROW_LABEL = 64, CELL_W = 150, ROW_H = 28, TOP = 58;
 
 const grid = () => $("#lens-mode").value === "grid";
 
-// The view (see app.js's TABS), in either mode. The grid refetches only for another window or
-// target: shade and position just redraw.
+// The request fields of the Lens switch: {} for the logit lens (the original requests).
+const lensFields = () => {
+  const value = $("#lens-kind").value;
+  return value === "logit" ? {} : { lens: "jacobian", jlens: value.slice("jacobian:".length) };
+};
+
+// The switch's options: the logit lens and every Jacobian lens GET /model lists (`select`: the
+// one to choose, else the current choice if still there).
+async function fillLenses(select = $("#lens-kind").value) {
+  const info = await api.getModel();
+  const items = [["logit", "logit"], ...info.lenses.map((l) => [`jacobian:${l.name}`, `Jacobian: ${l.name}`])];
+  options($("#lens-kind"), items, items.some(([v]) => v === select) ? select : "logit");
+}
+
+// The Fit button: texts (one per line) and a name in, a progress bar and Cancel while the job runs;
+// once done, the new lens is chosen and the view redrawn through it.
+function fitControls(page) {
+  const { button, status, run } = jobControls("jlens");
+  button.addEventListener("click", async () => {
+    const texts = $("#jlens-texts").value.split("\n").map((t) => t.trim()).filter((t) => t);
+    const name = $("#jlens-name").value.trim();
+    button.disabled = true;
+    try {
+      const [state] = await run([() => api.startJlensFit(texts, name)],
+                                (s) => `${s.status}: ${s.texts_done ?? 0} of ${texts.length} texts fitted`);
+      if (state.status === "done") {
+        status.textContent = `done: lens ${state.result.name} fitted on ${state.result.texts} texts, ` +
+                             `saved at ${state.result.path}`;
+        await fillLenses(`jacobian:${state.result.name}`);
+        page.redraw();
+      } else {
+        status.textContent = state.status === "cancelled" ? "cancelled" : `failed: ${state.error}`;
+      }
+    } catch (err) {
+      status.textContent = `failed: ${err.message}`;
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+// The view (see app.js's TABS), in either mode. The grid refetches only for another window,
+// target or lens: shade and position just redraw.
 export function lensView(page) {
   const position = () => Number($("#lens-pos").value);
   const positions = () => gridWindow(page.tokens().length, position());
@@ -22,12 +66,22 @@ export function lensView(page) {
     document.querySelectorAll("#panel-lens .position-only").forEach((n) => { n.hidden = grid(); });
     page.redraw();
   });
+  $("#model-select").addEventListener("change", () => fillLenses().catch(() => {}));
+  fillLenses().catch(() => {});  // a failure shows on the page's first requests anyway
+  fitControls(page);
   return {
-    controls: ["#lens-pos", "#lens-k", "#lens-shade", "#lens-target"],
-    key: () => (grid() ? `grid/${positions()}/${$("#lens-target").value}` : `${position()}/${$("#lens-k").value}`),
-    request: () => (grid()
-      ? api.lens(page.text(), { positions: positions(), target: tokenSpec($("#lens-target").value), top_k: 5 })
-      : api.predict(page.text(), position(), Number($("#lens-k").value))),
+    controls: ["#lens-pos", "#lens-k", "#lens-shade", "#lens-target", "#lens-kind"],
+    key: () => `${$("#lens-kind").value}/` +
+      (grid() ? `grid/${positions()}/${$("#lens-target").value}` : `${position()}/${$("#lens-k").value}`),
+    request: async () => {
+      const lens = lensFields();
+      if (!grid()) return api.predict(page.text(), position(), Number($("#lens-k").value), lens);
+      const body = { positions: positions(), target: tokenSpec($("#lens-target").value), top_k: 5 };
+      const data = await api.lens(page.text(), { ...body, ...lens });
+      // a Jacobian grid with a target: the logit lens's curve too, on the same chart
+      if (lens.lens && data.target) data.logit_target = (await api.lens(page.text(), body)).target;
+      return data;
+    },
     draw: (data, readout) => (grid()
       ? drawLensGrid(data, readout, {
         shade: $("#lens-shade").value,
@@ -46,10 +100,10 @@ function drawLens(data, readout) {
   const rows = data.predictions_by_layer;
   const k = rows[0].top_tokens.length;
   const W = ROW_LABEL + k * CELL_W + 8, H = TOP + rows.length * ROW_H + 10;
-  const svg = figure(W, H, `Logit lens at position ${data.token_index}`);
+  const svg = figure(W, H, `${lensTitle(data)} at position ${data.token_index}`);
   svg.append(
-    el("text", { x: 8, y: 20, "font-size": 14, "font-weight": 600 },
-       `Logit lens after #${data.token_index} ${showToken(data.token_str, 30)}: next-token top ${k} by layer`),
+    el("text", { x: 8, y: 20, "font-size": 14, "font-weight": 600, class: "lens-title" },
+       `${lensTitle(data)} after #${data.token_index} ${showToken(data.token_str, 30)}: next-token top ${k} by layer`),
     el("text", { x: 8, y: 40, fill: "#555" }, "bar length = probability"),
   );
   for (let r = 0; r < k; r++) {

@@ -15,6 +15,9 @@ const SHADES = {
   kl: { option: "KL to final", label: "KL(final ‖ layer) (nats)", value: (data, l, i) => data.kl_to_final[l][i] },
 };
 
+// Which lens drew an answer: "Logit lens", or "Jacobian lens NAME" (its `artifact`).
+export const lensTitle = (data) => (data.lens === "jacobian" ? `Jacobian lens ${data.artifact.name}` : "Logit lens");
+
 // A "Shade" selector (the lens and compare views have one).
 export const fillShades = (select) => options(select, Object.entries(SHADES).map(([key, s]) => [key, s.option]),
                                               "probability");
@@ -58,6 +61,13 @@ function targetChart(data, k, x0, y0) {
                                                fill: "none", "stroke-width": 2, ...attrs });
   g.append(line(probs.map(yP), { stroke: "#1f77b4" }),
            line(ranks.map(yR), { stroke: "#d95f02", "stroke-dasharray": "5 3" }));
+  if (data.logit_target) {  // a Jacobian grid: the logit lens's probability beside it
+    const logit = data.logit_target.probability.map((row) => row[k]);
+    g.append(line(logit.map(yP), { stroke: "#7f7f7f", "stroke-dasharray": "2 2", class: "logit-prob-line" }));
+    logit.forEach((p, l) => g.append(el("circle", { cx: x(l), cy: yP(p), r: 2.5, fill: "#7f7f7f", class: "logit-prob" },
+                                        el("title", {}, `layer ${l}: logit lens p = ${p}`))));
+    g.append(el("text", { x: x0 + width - 300, y: y0 - 8, "font-size": 10, fill: "#7f7f7f" }, "··· logit lens p"));
+  }
   probs.forEach((p, l) => g.append(el("circle", { cx: x(l), cy: yP(p), r: 3.5, fill: "#1f77b4", class: "target-prob" },
                                       el("title", {}, `layer ${l}: p = ${p}`))));
   ranks.forEach((r, l) => g.append(el("circle", { cx: x(l), cy: yR(r), r: 3.5, fill: "#d95f02", class: "target-rank" },
@@ -71,7 +81,8 @@ function targetChart(data, k, x0, y0) {
              el("text", { x: x0, y: y0 + CHART_H + 32, fill: "#333", class: "crossover" },
                 `crossover: layer ${crossover} (top-1 from there to the last layer)`));
   }
-  g.append(el("text", { x: x0 + width - 170, y: y0 - 8, "font-size": 10, fill: "#1f77b4" }, "— probability"),
+  g.append(el("text", { x: x0 + width - 170, y: y0 - 8, "font-size": 10, fill: "#1f77b4" },
+              data.logit_target ? "— Jacobian p" : "— probability"),
            el("text", { x: x0 + width - 90, y: y0 - 8, "font-size": 10, fill: "#d95f02" }, "- - rank (log)"));
   return g;
 }
@@ -88,11 +99,11 @@ export function drawLensGrid(data, readout, { shade, position, select }) {
   const chartY = TOP + gridH + 110;  // below the colour bar and its note
   const W = Math.max(LEFT + gridW + 24, 760);
   const H = data.target ? chartY + CHART_H + 48 : TOP + gridH + 80;
-  const svg = figure(W, H, `Logit lens grid, ${nLayers} layers by ${nPos} positions`);
+  const svg = figure(W, H, `${lensTitle(data)} grid, ${nLayers} layers by ${nPos} positions`);
   svg.classList.add("wide");
   svg.append(
-    el("text", { x: 8, y: 20, "font-size": 14, "font-weight": 600 },
-       `Logit lens: each layer's top next-token guess at each position (last layer on top)`),
+    el("text", { x: 8, y: 20, "font-size": 14, "font-weight": 600, class: "lens-title" },
+       `${lensTitle(data)}: each layer's top next-token guess at each position (last layer on top)`),
     el("text", { x: 8, y: 38, fill: "#555" },
        `shade = ${how.label}; grey row = the token that actually comes next; click a column to select it`),
   );

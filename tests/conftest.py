@@ -3,6 +3,7 @@ through the same `load_model(DIR)` path as `python app.py --model DIR`, plus pla
 on the same weights as the independent reference."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -58,8 +59,10 @@ def hf_patcher(hf_model) -> HFPatcher:
 
 
 @pytest.fixture()
-def app(tiny_model):
-    app = create_app({"TESTING": True}, model=tiny_model)
+def app(tiny_model, tmp_path):
+    # Fitted Jacobian lenses go to this test's directory and onto this app's copy of the model only.
+    app = create_app({"TESTING": True, "JLENS_DIR": str(tmp_path / "jlens")},
+                     model=dataclasses.replace(tiny_model, lenses={}))
     yield app
     # Each app has its own worker but the session shares one bridge, whose hooks are shared
     # state: a job still running after its test would edit the next test's forward passes.

@@ -3,6 +3,7 @@
 validators and the tokenizer round-trip on arbitrary unicode."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def fuzz_app(tiny_model, tmp_path_factory):
 
     sae = write_random_sae(tmp_path_factory.mktemp("fuzz-sae"), d_in=64, d_sae=64, hook="blocks.1.hook_resid_pre",
                            architecture="topk", k=4, scale=0.3)
-    app = create_app({"TESTING": True, "SAES": [f"name=fuzz,{sae}"]}, model=tiny_model)
+    app = create_app({"TESTING": True, "SAES": [f"name=fuzz,{sae}"], "JLENS_DIR": str(tmp_path_factory.mktemp("jlens"))},
+                     model=dataclasses.replace(tiny_model, lenses={}))
     app.extensions["jobs"] = CancellingJobs()
     return app
 

@@ -271,12 +271,20 @@ def _activation(name: str) -> Any:
     return ACT2FN[name]
 
 
-def lens_logits(bridge: Any, run: Run, position: int) -> torch.Tensor:
+def lens_logits(bridge: Any, run: Run, position: int,
+                transport: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
     """Logit lens at one position: readout(resid_post_l) for every layer l -> [n_layers, d_vocab]
     float32. Always one position per call: a batched matmul rounds differently in the last bits,
-    and a prefetched answer must be byte-identical to one computed on demand."""
-    x = run.resid[:, position, :].unsqueeze(0).to(dtype=bridge.cfg.dtype)
-    return readout(bridge, x)[0].float()
+    and a prefetched answer must be byte-identical to one computed on demand.
+
+    `transport(residual, layer)` (a Jacobian lens's: J[l] @ residual in float32) first maps each
+    layer below the last into the last block's output basis; the last layer is read as it is (its
+    transport is the identity). J = I gives the logit lens exactly: a product with an identity
+    matrix rounds nothing."""
+    x = run.resid[:, position, :]
+    if transport is not None:
+        x = torch.cat([torch.stack([transport(x[l], l) for l in range(len(x) - 1)]), x[-1:].float()])
+    return readout(bridge, x.unsqueeze(0).to(dtype=bridge.cfg.dtype))[0].float()
 
 
 def lens_summary(logits: torch.Tensor) -> Lens:
@@ -292,7 +300,9 @@ def lens_summary(logits: torch.Tensor) -> Lens:
     return Lens(*(t.cpu().numpy() for t in (probs, top_logits, ids, entropy, kl)))
 
 
-def lens_top_k(bridge: Any, run: Run, position: int) -> Lens:
-    """Logit lens at one position: softmax(unembed(ln_final(resid_post_l))) for every layer l,
-    summarized as a `Lens`. Only this position is projected."""
-    return lens_summary(lens_logits(bridge, run, position))
+def lens_top_k(bridge: Any, run: Run, position: int,
+               transport: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> Lens:
+    """Logit lens at one position: softmax(unembed(ln_final(resid_post_l))) for every layer l
+    (through a Jacobian lens's `transport` when given, `lens_logits`), summarized as a `Lens`.
+    Only this position is projected."""
+    return lens_summary(lens_logits(bridge, run, position, transport))

@@ -1,5 +1,6 @@
 """POST /lens: the logit lens as a layers x positions grid (top-k, entropy, KL to the final layer),
-with a target token's probability, rank and crossover layer.
+with a target token's probability, rank and crossover layer; `"lens": "jacobian"` reads the same
+grid through a Jacobian lens (`predict.Reading`).
 
 Each position is read through the same cached `Lens` entry `/predict` uses, so the two
 endpoints share every position either has computed.
@@ -8,17 +9,17 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from ..errors import InvalidRequest
 from ..math import forward as fw
 from ..math.forward import Lens, Run
 from ..math.lens import TargetLens, crossover_layer, target_lens
-from ..session import Explorer, Text, cache_key
+from ..session import Explorer, Text
 from . import precision
 from .base import (OBJECTIVE_DOC, TextRequest, TokenSpec, check_positions, check_top_k, in_branch, objective,
                    operation, shape, token_id)
-from .predict import lens_at
+from .predict import LensAnswer, Reading, jlens_field, lens_at, lens_field, reading
 
 MAX_POSITIONS = 256  # per request: each position projects n_layers vectors through the unembedding
 TOP_K_MAX = 10
@@ -33,6 +34,8 @@ class LensRequest(TextRequest):
         "or a token id."))
     top_k: StrictInt = Field(default=1, json_schema_extra={"minimum": 1, "maximum": TOP_K_MAX},
                              description=f"Top tokens per cell, 1 .. {TOP_K_MAX}.")
+    lens: Literal["logit", "jacobian"] = lens_field()
+    jlens: Optional[StrictStr] = jlens_field()
 
 
 class LensToken(BaseModel):
@@ -51,7 +54,7 @@ class LensTarget(BaseModel):
         "null if it is not top-1 at the last layer."))
 
 
-class LensResponse(BaseModel):
+class LensResponse(LensAnswer):
     objective: Literal["next_token", "masked"] = Field(description=OBJECTIVE_DOC)
     tokens: list[str] = Field(description="Every token of the text (positions index into it).")
     positions: list[int]
@@ -62,12 +65,12 @@ class LensResponse(BaseModel):
     target: Optional[LensTarget]
 
 
-def _target_at(ex: Explorer, text: Text, run: Run, position: int, target: int) -> TargetLens:
+def _target_at(ex: Explorer, text: Text, run: Run, position: int, target: int, how: Reading) -> TargetLens:
     """On the worker: the target's lens at `position`, caching the position's `Lens` from the
     same readout when it is not cached yet."""
-    logits = fw.lens_logits(ex.bridge, run, position)
-    if ex.cache.get(cache_key("lens", text, position)) is None:
-        ex.cache.fill(cache_key("lens", text, position), fw.lens_summary(logits))
+    logits = fw.lens_logits(ex.bridge, run, position, how.transport)
+    if ex.cache.get(how.key("lens", text, position)) is None:
+        ex.cache.fill(how.key("lens", text, position), fw.lens_summary(logits))
     return target_lens(logits, target)
 
 
@@ -84,20 +87,21 @@ def lens(ex: Explorer, req: LensRequest) -> dict[str, Any]:
     top_k = check_top_k(req.top_k, TOP_K_MAX, int(ex.cfg.d_vocab))
     vocab = ex.vocab_strs
     target = None if req.target is None else token_id(ex, "target", req.target)
+    how = reading(ex, req.lens, req.jlens)
     run = ex.run(text)
 
     def missing(p: int) -> bool:
-        return ex.cache.get(cache_key("lens", text, p)) is None or (
-            target is not None and ex.cache.get(cache_key("lens-target", text, p, target)) is None)
+        return ex.cache.get(how.key("lens", text, p)) is None or (
+            target is not None and ex.cache.get(how.key("lens-target", text, p, target)) is None)
 
     def fill() -> None:
         """Every position not cached yet, in one piece of worker time: a request waits behind a
         running sweep's chunk once, not once per position."""
         for p in filter(missing, positions):
             if target is None:
-                ex.cache.fill(cache_key("lens", text, p), fw.lens_top_k(ex.bridge, run, p))
+                ex.cache.fill(how.key("lens", text, p), how.top_k(ex, run, p))
             else:  # the position's lens comes from the same readout
-                ex.cache.fill(cache_key("lens-target", text, p, target), _target_at(ex, text, run, p, target))
+                ex.cache.fill(how.key("lens-target", text, p, target), _target_at(ex, text, run, p, target, how))
 
     if sum(map(missing, positions)) > 1:
         ex.call(fill)
@@ -105,9 +109,9 @@ def lens(ex: Explorer, req: LensRequest) -> dict[str, Any]:
     targets: list[TargetLens] = []
     for p in positions:
         if target is not None:
-            targets.append(ex.cached(cache_key("lens-target", text, p, target),
-                                     lambda p=p: _target_at(ex, text, run, p, target)))
-        lenses.append(lens_at(ex, text, run, p))
+            targets.append(ex.cached(how.key("lens-target", text, p, target),
+                                     lambda p=p: _target_at(ex, text, run, p, target, how)))
+        lenses.append(lens_at(ex, text, run, p, how))
 
     def top(lens: Lens, layer: int) -> list[dict[str, Any]]:
         return [{"token": vocab[int(lens.ids[layer, j])], "token_id": int(lens.ids[layer, j]),
@@ -115,7 +119,7 @@ def lens(ex: Explorer, req: LensRequest) -> dict[str, Any]:
 
     layers = range(int(ex.cfg.n_layers))
     return shape(
-        LensResponse, objective=objective(ex), tokens=list(strs), positions=positions,
+        LensResponse, **how.answer("lens" in req.model_fields_set), objective=objective(ex), tokens=list(strs), positions=positions,
         top=[[top(lens, l) for lens in lenses] for l in layers],
         entropy=[[precision.log_value(lens.entropy[l]) for lens in lenses] for l in layers],
         kl_to_final=[[precision.log_value(lens.kl_to_final[l]) for lens in lenses] for l in layers],

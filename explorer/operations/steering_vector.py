@@ -16,8 +16,9 @@ from ..math import steering
 from ..math.steps import Steps
 from ..session import Explorer
 from . import precision
-from .base import (AsyncRequest, Cost, TokenRef, admit, check_count, check_index, check_top_k, each_text, forward_work,
-                   operation, require_causal, shape)
+from .base import (AsyncRequest, Cost, TokenRef, TokenSpec, admit, check_count, check_index, check_top_k, each_text,
+                   forward_work, operation, require_causal, shape, token_id)
+from .predict import loaded_lens
 
 MAX_CONTRAST_TEXTS = 64
 MAX_COEFFICIENT = 1e6
@@ -52,12 +53,23 @@ class FeatureVector(BaseModel):
     index: StrictInt = Field(description="The feature, 0 .. d_sae-1: its decoder direction is the vector.")
 
 
-Vector = Annotated[Union[ActAddVector, MeanDiffVector, ValuesVector, FeatureVector], Field(
+class JLensVector(BaseModel):
+    model_config = STRICT
+    kind: Literal["jlens"]
+    token: TokenSpec = Field(description="The token to steer toward: a string that is exactly one token, or an id.")
+    jlens: Optional[StrictStr] = Field(default=None, description=(
+        "Which loaded Jacobian lens (GET /model: lenses[].name); default: the first."))
+
+
+Vector = Annotated[Union[ActAddVector, MeanDiffVector, ValuesVector, FeatureVector, JLensVector], Field(
     discriminator="kind", description=(
         'actadd: the residual of `positive` minus that of `negative`, position by position (the shorter '
         'padded on the right with the space token); mean_diff: the mean last-position residual of the '
         'positive texts minus that of the negative texts; values: given; feature: an SAE feature\'s '
-        'decoder direction (SAEs on resid_pre, resid_post, attn_out or mlp_out).'))]
+        'decoder direction (SAEs on resid_pre, resid_post, attn_out or mlp_out); jlens: the Jacobian lens vector '
+        'of `token` at the layer, J[layer]^T W_U[:, token] (TransformerLens\' JacobianLens.lens_vectors), '
+        'added at resid_post of a layer the lens has a matrix for. The library\'s steering hooks add it '
+        'as unit: true with coefficient alpha x the median residual norm.'))]
 
 
 class VectorFields(BaseModel):
@@ -68,7 +80,7 @@ class VectorFields(BaseModel):
     site: Optional[Literal["resid_pre", "resid_post"]] = Field(default=None, description=(
         "resid_pre (default): the residual stream entering the block; resid_post: leaving it. The vector "
         "is read and added there. A feature vector's default: resid_pre for an SAE on resid_pre, else "
-        "resid_post (where an attention or MLP output has been added)."))
+        "resid_post (where an attention or MLP output has been added); a jlens vector: resid_post (its only site)."))
     vector: Vector
     coefficient: float = Field(default=1.0, description=f"Multiplies the vector; |coefficient| <= {MAX_COEFFICIENT:g}.")
     unit: StrictBool = Field(default=False, description=(
@@ -123,7 +135,7 @@ def plan(ex: Explorer, spec: VectorFields, where: str) -> Planned:
     """Check `spec` (400 naming `where`.field) and plan its computation."""
     d_model, n_layers = int(ex.cfg.d_model), int(ex.cfg.n_layers)
     vector, bridge = spec.vector, ex.bridge
-    layer, site = spec.layer, spec.site or "resid_pre"
+    layer, site = spec.layer, spec.site or ("resid_post" if isinstance(vector, JLensVector) else "resid_pre")
     if isinstance(vector, FeatureVector):
         try:
             sae = ex.sae(vector.sae)
@@ -161,6 +173,20 @@ def plan(ex: Explorer, spec: VectorFields, where: str) -> Planned:
             return finish(torch.tensor(vector.values, dtype=torch.float32))
             yield  # a generator: computed on the worker like the others
         return Planned(spec, layer, site, given, 0.0, 1)
+    if isinstance(vector, JLensVector):
+        jl = loaded_lens(ex, vector.jlens, f"{where}vector.jlens")
+        if layer not in jl.lens.jacobians:
+            raise InvalidRequest(f"{where}layer: Jacobian lens {jl.name!r} has matrices for layers "
+                                 f"{jl.lens.source_layers}, not {layer}")
+        if site != "resid_post":
+            raise InvalidRequest(f"{where}site must be \"resid_post\" for a jlens vector: the lens maps the output of "
+                                 f"block {layer}, and its vector lives there")
+        token = token_id(ex, f"{where}vector.token", vector.token)
+
+        def lens_vector() -> Steps:
+            return finish(jl.lens.lens_vectors(bridge, token, layer)[0])
+            yield  # a generator, as the others
+        return Planned(spec, layer, site, lens_vector, 0.0, 1)
     if isinstance(vector, ActAddVector):
         (pos, pos_strs), (neg, neg_strs) = ex.tokens(vector.positive), ex.tokens(vector.negative)
         space = ex.encode(" ")

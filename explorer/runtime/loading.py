@@ -60,6 +60,8 @@ class LoadedModel:
     # "path", "sha256", "files"}, {"kind": "random", "seed", ...}; None for a model built by hand.
     source: dict[str, Any] | None = None
     device_map: DeviceMap | None = None
+    # Jacobian lenses by name (`runtime.jlens.LoadedLens`): from --jlens, and fitted while serving.
+    lenses: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     # Held while any worker runs this model: the bridge is not thread-safe, and one model may be
     # served by several explorers (apps in tests, a renamed copy); `dataclasses.replace` keeps it.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -139,6 +141,7 @@ class LoadedModel:
             "prepends_bos": self.prepends_bos,
             "bos_token_id": self.bos_token_id,
             "path": self.path,
+            "lenses": [lens.info() for lens in list(self.lenses.values())],
             "provenance": provenance.static(self.describe()),
         }
 

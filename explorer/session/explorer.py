@@ -20,6 +20,7 @@ from ..math.lens import batches
 from ..math.replay import Budget, position_flops
 from ..runtime.engine import (CPU_FLOPS, DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_WORK_BYTES, GPU_FLOPS,
                               ByteLRU, CacheBudget, ModelWorker, Throughput, result_within)
+from ..runtime.jlens import DEFAULT_DIR as DEFAULT_LENS_DIR
 from ..runtime.loading import LoadedModel, ModelLoadError
 from ..runtime.saes import SAE
 
@@ -56,10 +57,12 @@ class Explorer:
 
     def __init__(self, model: LoadedModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  queue_size: int = DEFAULT_QUEUE_SIZE, budget: CacheBudget | None = None,
-                 work_bytes: int = DEFAULT_WORK_BYTES) -> None:
+                 work_bytes: int = DEFAULT_WORK_BYTES, lens_dir: str = DEFAULT_LENS_DIR) -> None:
         """`budget`: a byte bound shared with other models' explorers (default: its own of
-        `cache_bytes`); `work_bytes`: the working memory one request's chunk may use."""
+        `cache_bytes`); `work_bytes`: the working memory one request's chunk may use; `lens_dir`:
+        where fitted Jacobian lenses are saved."""
         self.model = model
+        self.lens_dir = lens_dir
         self.worker = ModelWorker(queue_size, model.lock)
         self.cache = ByteLRU(self.worker, cache_bytes, budget=budget)
         self.work_bytes = work_bytes

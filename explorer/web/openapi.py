@@ -14,6 +14,7 @@ from ..math.forward import LENS_TOP_K
 from ..operations import OPERATIONS
 from ..operations.base import StreamRequest
 from ..operations.features import SaeInfo
+from ..operations.predict import LensArtifact
 
 
 class ModelProvenance(BaseModel):
@@ -74,6 +75,9 @@ class ModelInfo(BaseModel):
         "Whether index 0 is a start token the server adds (BOS; [CLS] for BERT). false: index 0 is "
         "the text's first token (Pythia, Qwen)."))
     bos_token_id: Optional[int] = Field(description="The id of that start token; null when none.")
+    lenses: list[LensArtifact] = Field(description=(
+        'The Jacobian lenses loaded for the model (--jlens, POST /jobs/jlens_fit), in order: /lens and '
+        '/predict read through one with "lens": "jacobian" ("jlens": its name; default the first).'))
     provenance: StaticProvenance = Field(description=(
         "The part of every answer's provenance that this model fixes: its source and the software."))
     saes: list[SaeInfo] = Field(description="The sparse autoencoders served on this model (--sae).")

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import web
 from ..errors import Cancelled, InvalidRequest, Overloaded
+from ..runtime import jlens
 from ..runtime.engine import DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_WORK_BYTES, CacheBudget
 from ..runtime.jobs import JobManager
 from ..runtime.loading import (DEVICE_MAPS, LoadedModel, ModelLoadError, load_model, parse_max_memory,
@@ -51,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "CHECK_HOST": True,  # reject non-loopback Host headers (DNS rebinding); off for public binds
     "FIRST_SEED": 0,  # --random-weights: model i gets seed FIRST_SEED + i (a cluster deployment: its model's index)
     "SAES": [],  # --sae values (runtime.saes.Spec strings) or loaded `SAE`s, attached to their models
+    "JLENS": [],  # --jlens specs, "[MODEL=]SPEC": Jacobian lenses loaded with the models
+    "JLENS_DIR": jlens.DEFAULT_DIR,  # where POST /jobs/jlens_fit saves lenses
 }
 
 
@@ -113,6 +116,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "LOCATION is a SAELens directory (cfg.json + sae_weights.safetensors), a Gemma Scope "
                         "params.npz, or repo_id:path/inside/repo on the Hugging Face hub; repeatable "
                         "[EXPLORER_SAE, ';'-separated]")
+    p.add_argument("--jlens", action="append", metavar="[MODEL=]SPEC",
+                   help="a Jacobian lens for /lens and /predict: a .pt file or a directory, a registry short name "
+                        "or Hugging Face model id (e.g. gpt2-small), or auto (the registry's lens for the model); "
+                        "MODEL= gives it to a model other than the first; repeatable [EXPLORER_JLENS, comma-separated]")
+    p.add_argument("--jlens-dir", default=env("EXPLORER_JLENS_DIR", jlens.DEFAULT_DIR),
+                   help="where POST /jobs/jlens_fit saves fitted lenses [EXPLORER_JLENS_DIR] (default %(default)s)")
 
 
 def parse_model_arguments(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -132,7 +141,8 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"MODEL": args.model,
             "RANDOM_WEIGHTS": args.random_weights, "DEVICE": args.device, "DTYPE": args.dtype,
             "DEVICE_MAP": args.device_map, "MAX_MEMORY": args.max_memory, "OFFLOAD_DIR": args.offload_dir,
-            "SAES": args.sae}
+            "SAES": args.sae,
+            "JLENS": model_names(args.jlens or os.environ.get("EXPLORER_JLENS", "")), "JLENS_DIR": args.jlens_dir}
 
 
 def load_configured(config: dict[str, Any]) -> list[LoadedModel] | None:
@@ -146,6 +156,7 @@ def load_configured(config: dict[str, Any]) -> list[LoadedModel] | None:
             config["MAX_MEMORY"] = parse_max_memory(config["MAX_MEMORY"])
         models = load_models(names, config)
         config["SAES"] = [load_sae(spec) for spec in config.get("SAES", [])]
+        jlens.attach(models, config["JLENS"])
     except ModelLoadError as exc:
         print(f"\nerror: {exc}\n", file=sys.stderr)
         return None
@@ -187,7 +198,7 @@ def create_app(config: dict[str, Any] | None = None,
     loaded = [model] if isinstance(model, LoadedModel) else list(model)
     budget = CacheBudget(app.config["CACHE_BYTES"])  # one bound for all models' caches
     models = Models([Explorer(m, queue_size=app.config["QUEUE_SIZE"], budget=budget,
-                              work_bytes=app.config["WORK_BYTES"]) for m in loaded])
+                              work_bytes=app.config["WORK_BYTES"], lens_dir=app.config["JLENS_DIR"]) for m in loaded])
     attach_saes(models, app.config["SAES"])
     app.extensions["models"] = models
     app.extensions["explorer"] = models.default

@@ -1,0 +1,128 @@
+"""POST /jobs/jlens_fit: fit a Jacobian lens on the given texts as a background job (TransformerLens'
+`JacobianLens.fit`, one text per chunk of worker time), save it under the lens directory
+(`--jlens-dir`) and make it available to /lens and /predict at once.
+
+Each text is fitted alone and the per-text matrices summed in order, then divided by their
+count: exactly what `JacobianLens.fit` does over the whole list, so the job's lens equals the
+library's on the same texts, while the job reports progress and stops between texts when
+cancelled. One text is one chunk: on a CPU a GPT-2-small text of 128 tokens takes minutes
+(bench/jlens_bench.py), and other requests wait for the chunk that is running.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Optional
+
+import torch
+from pydantic import BaseModel, Field, StrictInt, StrictStr
+
+from ..errors import InvalidRequest
+from ..math.replay import row_bytes
+from ..math.steps import Steps
+from ..runtime import jlens
+from ..session import Explorer
+from .base import Cost, Request, admit, check_count, check_index, each_text, forward_work, operation, shape
+from .predict import LensArtifact
+
+MAX_TEXTS = 1000  # the published lenses use up to 1000 prompts
+DEFAULT_MAX_SEQ_LEN = 128  # the library's default
+DIM_BATCH = 8  # output dimensions per backward pass (the library's default; recorded in the artifact)
+
+
+class JlensFitRequest(Request):
+    texts: list[StrictStr] = Field(description=(
+        f"The corpus, 1 .. {MAX_TEXTS} texts, each tokenized as the model's own (BOS where it uses one) "
+        "and long enough to leave positions after the first 16 (skipped) and before the last."))
+    source_layers: Optional[list[StrictInt]] = Field(default=None, description=(
+        "Layers to fit, distinct, 0 .. n_layers-2; default every one (the grid of /lens needs them all)."))
+    max_seq_len: Optional[StrictInt] = Field(default=None, description=(
+        f"Texts are cut to this many tokens, 18 .. n_ctx; default {DEFAULT_MAX_SEQ_LEN} (or n_ctx if smaller)."))
+    name: StrictStr = Field(description=(
+        "The lens's name (letters, digits, '.', '_', '-'; at most 64): /lens takes it as jlens, and it is "
+        "saved as NAME.pt in the lens directory (--jlens-dir). Must not name a loaded lens or an existing file."))
+
+
+class JlensFitResult(BaseModel):
+    name: str
+    path: str = Field(description="The saved artifact: start the server with --jlens PATH to load it again.")
+    artifact: LensArtifact
+    texts: int = Field(description="How many texts were fitted on.")
+
+
+def corpus(texts: list[str]) -> str:
+    """The artifact's corpus field: what it was fitted on, identified by a hash of the texts."""
+    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+    return f"POST /jobs/jlens_fit: {len(texts)} texts, sha256 {digest}"
+
+
+@operation("/jobs/jlens_fit", JlensFitRequest, JlensFitResult,
+           "Fit a Jacobian lens on texts as a background job: 202 with its id; the job's result is a "
+           "JlensFitResult, and the lens is usable by /lens at once.", mode="job")
+def jlens_fit(ex: Explorer, req: JlensFitRequest) -> Steps:
+    from transformer_lens.tools.analysis import JacobianLens
+    from transformer_lens.tools.analysis.jacobian_lens import DEFAULT_SKIP_FIRST_POSITIONS as SKIP
+
+    model = ex.model
+    why = jlens.unusable(ex.bridge)
+    if why is not None:
+        raise InvalidRequest(f"model {model.name!r} cannot use a Jacobian lens: {why}")
+    if not jlens.NAME.match(req.name):
+        raise InvalidRequest(f"name must be 1 .. 64 letters, digits, '.', '_' or '-' (not first), got {req.name!r}")
+    path = os.path.join(os.path.expanduser(ex.lens_dir), req.name + jlens.SUFFIX)
+    if req.name in model.lenses or os.path.exists(path):
+        raise InvalidRequest(f"name {req.name!r} is taken (a loaded lens, or {path} exists); choose another")
+    check_count("texts", req.texts, MAX_TEXTS)
+    n_layers = int(ex.cfg.n_layers)
+    layers = None
+    if req.source_layers is not None:
+        check_count("source_layers", req.source_layers, n_layers - 1, "layers")
+        for layer in req.source_layers:
+            check_index("source_layers[]", layer, n_layers - 1)
+        if len(set(req.source_layers)) != len(req.source_layers):
+            raise InvalidRequest("source_layers must not contain duplicates")
+        layers = sorted(req.source_layers)
+    max_seq_len = min(DEFAULT_MAX_SEQ_LEN, ex.n_ctx) if req.max_seq_len is None else req.max_seq_len
+    if not SKIP + 2 <= max_seq_len <= ex.n_ctx:
+        raise InvalidRequest(f"max_seq_len must be between {SKIP + 2} and {ex.n_ctx} (n_ctx), got {max_seq_len}")
+    lengths = [min(len(ids), max_seq_len) for ids, _ in each_text(ex, "texts", req.texts)]
+    short = next((i for i, n in enumerate(lengths) if n < SKIP + 2), None)
+    if short is not None:
+        raise InvalidRequest(f"texts[{short}] is {lengths[short]} tokens; a fit reads the positions after the first "
+                             f"{SKIP} and before the last, so each text needs at least {SKIP + 2} tokens")
+    d_model, longest = int(ex.cfg.d_model), max(lengths)
+    # per text: a forward pass of DIM_BATCH copies, then ceil(d_model / DIM_BATCH) backward passes
+    # (each about two forward passes) of them; autograd keeps every block's activations of the copies
+    rows = DIM_BATCH * (1 + 2 * -(-d_model // DIM_BATCH))
+    admit(ex, Cost(rows * sum(forward_work(n_layers, n) for n in lengths), longest,
+                   DIM_BATCH * n_layers * row_bytes(ex.cfg, longest)), True,
+          "fit on fewer or shorter texts (max_seq_len)")
+    fitted_on = corpus(req.texts)
+
+    def steps() -> Steps:
+        total: dict[int, torch.Tensor] = {}
+        metadata: dict[str, Any] = {}
+        for i, text in enumerate(req.texts):
+            yield {"progress": i / len(req.texts), "texts_done": i}
+            with torch.inference_mode(False):  # the fit differentiates through the model
+                part = JacobianLens.fit(ex.bridge, [text], corpus=fitted_on, source_layers=layers,
+                                        dim_batch=DIM_BATCH, max_seq_len=max_seq_len, show_progress=False)
+            for layer, matrix in part.jacobians.items():  # summed in order, as the library's own fit sums
+                total[layer] = matrix if layer not in total else total[layer] + matrix
+            metadata = part.metadata
+        n = len(req.texts)
+        lens = JacobianLens({layer: matrix / n for layer, matrix in total.items()}, n_prompts=n, d_model=d_model,
+                            metadata={**metadata, "n_prompts": n})
+        try:
+            saved = jlens.save(lens, ex.lens_dir, req.name)
+        except FileExistsError:
+            raise InvalidRequest(f"name {req.name!r} was taken while the fit ran ({path} exists); nothing was "
+                                 "loaded: fit again with another name") from None
+        # served as --jlens will load it next time: from the saved (float16) file
+        loaded = jlens.LoadedLens(req.name, JacobianLens.load(saved),
+                                  {"kind": "file", "path": saved, "sha256": jlens.file_sha256(saved)})
+        if model.lenses.setdefault(req.name, loaded) is not loaded:
+            raise InvalidRequest(f"a lens named {req.name!r} was loaded while the fit ran; the fit is saved at {saved}")
+        return shape(JlensFitResult, name=req.name, path=saved, artifact=loaded.info(), texts=n)
+
+    return steps()
