@@ -1,5 +1,6 @@
-// Compare view: the same text in two models side by side, each column its logit-lens grid above
-// one head's attention pattern, from /lens and /attention answers that name their model.
+// Compare view: the same text in two models side by side, each column its lens grid (the logit
+// lens, or each model's first Jacobian lens) above one head's attention pattern, from /lens and
+// /attention answers that name their model.
 import * as api from "./api.js";
 import { drawAttention } from "./attention.js";
 import { $, options, range } from "./dom.js";
@@ -37,11 +38,12 @@ export function compareView(page) {
     });
   }
   return {
-    controls: ["#cmp-layer", "#cmp-head", "#cmp-shade"],
-    key: () => `${pair()}/${$("#cmp-layer").value}/${positions()}`,
+    controls: ["#cmp-layer", "#cmp-head", "#cmp-shade", "#cmp-lens"],
+    key: () => `${pair()}/${$("#cmp-layer").value}/${positions()}/${$("#cmp-lens").value}`,
     request: () => Promise.all(pair().map(async (model) => ({
       model,
-      lens: await api.lens(page.text(), { positions: positions(), top_k: 5, model }),
+      lens: await api.lens(page.text(), { positions: positions(), top_k: 5, model,
+                                          lens: $("#cmp-lens").value === "jacobian" ? "jacobian" : undefined }),
       attention: await api.attention(page.text(), Number($("#cmp-layer").value), null, model),
     }))),
     draw: (data, readout) => drawCompare(data, readout, {

@@ -27,6 +27,12 @@ CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 TARGET = {"answer": " Mary", "distractor": " John"}
 PAIR = {"clean": CLEAN, "corrupt": CORRUPT, **TARGET}
 FACT = "The Eiffel Tower is in the city of"  # causal tracing's prompt; its subject is "Eiffel Tower"
+# A Jacobian lens's fitting corpus: texts longer than the 17 positions the library skips.
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog while the cat watches from the warm window sill at noon.",
+    "In the beginning the universe was created, which made a lot of people very angry and was widely regarded.",
+    "She sells sea shells by the sea shore, and the shells she sells are surely shells from the sea shore.",
+]
 
 # One valid request per POST endpoint (several sites and kinds of the causal ones), sized for TINY.
 EVERY_ENDPOINT: list[tuple[str, dict]] = [

@@ -17,14 +17,9 @@ from explorer.runtime import jlens
 from explorer.runtime.loading import ModelLoadError
 from model_utils import load_model
 from tests.families import FAMILIES, build
-from tests.helpers import FACT, TEXT, err, ok, wait_job
+from tests.helpers import CORPUS, FACT, TEXT, err, ok, wait_job
 
 # Each long enough for the fit (the library skips the first 16 positions and the last).
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog while the cat watches from the warm window sill at noon.",
-    "In the beginning the universe was created, which made a lot of people very angry and was widely regarded.",
-    "She sells sea shells by the sea shore, and the shells she sells are surely shells from the sea shore.",
-]
 GRID_TEXT = FACT + " Paris, and the river that runs through it is"
 TOL = 1e-5
 

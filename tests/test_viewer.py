@@ -6,6 +6,7 @@ Screenshots of each view land in test-artifacts/. Skipped when Chromium or Playw
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from app import create_app
 from explorer.experiments.figures import read_provenance
 from explorer.math import generation
 from tests import helpers
-from tests.helpers import CLEAN, CORRUPT, FACT, PAIR, TEXT, ok, running
+from tests.helpers import CLEAN, CORPUS, CORRUPT, FACT, PAIR, TEXT, ok, running
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -782,7 +783,7 @@ def test_one_model_has_no_model_selector_or_compare(page):
     assert page.locator("#model-choice").is_hidden() and page.locator("#tab-compare").is_hidden()
     sent = model_fields(page, lambda: analyze(page, "One model only"))
     assert sent and set(sent) == {None}  # the original requests, without "model"
-    page.focus("#tab-generate")  # the last visible tab
+    page.focus("#tab-features")  # the last visible tab
     page.keyboard.press("ArrowRight")  # the hidden tab is skipped: wraps to the first
     assert page.get_attribute("#tab-trajectories", "aria-selected") == "true"
 
@@ -1133,3 +1134,111 @@ def test_generate_top_k_top_p_and_stop_strings(page, server):
     assert answer["finish_reason"] == "stop" and len(answer["generated"]) <= 5
     assert shown_ids(panel, "gen-token") == [t["token_id"] for t in answer["generated"]]
     assert page.locator("#gen-status").inner_text().endswith("finish: stop")
+
+
+# --- the Jacobian lens on the Logit lens tab: the Fit button (texts in, progress, cancel), the Lens
+# switch, the grid saying which lens drew it, and a target's probability through both lenses ----
+
+@pytest.fixture(scope="module")
+def jlens_server(tiny_model, tmp_path_factory):
+    """The app on a copy of the tiny model with no lens yet, saving fitted lenses to a temporary directory."""
+    app = create_app({"JLENS_DIR": str(tmp_path_factory.mktemp("jlens"))},
+                     model=dataclasses.replace(tiny_model, lenses={}))
+    with running(make_server("127.0.0.1", 0, app, threaded=True)) as httpd:
+        yield f"http://127.0.0.1:{httpd.server_port}", app.test_client()
+
+
+@pytest.fixture()
+def jlens_page(browser, jlens_server):
+    yield from viewer_page(browser, jlens_server)
+
+
+def test_jlens_fit_then_read_both_lenses(jlens_page, jlens_server):
+    page, server = jlens_page, jlens_server
+    client = server[1]
+    page.fill("#text", FACT)
+    page.press("#text", "Enter")
+    panel = open_view(page, "lens")
+    assert page.locator("#lens-kind option").all_inner_texts() == ["logit"]
+    page.fill("#jlens-texts", "\n".join(CORPUS))
+    page.fill("#jlens-name", "viewer-lens")
+    with page.expect_response("**/jobs/jlens_fit") as started:
+        page.click("#jlens-run")
+    job = started.value.json()["job"]
+    page.wait_for_function("document.querySelector('#jlens-status').textContent.startsWith('done')", timeout=60_000)
+    result = ok(client.get(f"/jobs/{job}"))["result"]
+    assert page.locator("#jlens-status").inner_text() == (
+        f"done: lens viewer-lens fitted on {len(CORPUS)} texts, saved at {result['path']}")
+    assert page.locator("#jlens-progress").evaluate("p => p.value") == 1
+    # the new lens is chosen and the view redrawn through it: rows as the API reads them
+    page.wait_for_function("document.querySelector('#lens-kind').value === 'jacobian:viewer-lens'")
+    panel.locator("svg.figure .lens-title").wait_for()
+    page.wait_for_function("document.querySelector('#panel-lens .lens-title').textContent.startsWith('Jacobian')")
+    position = int(page.input_value("#lens-pos"))
+    answer = ok(client.post("/predict", json={"text": FACT, "token_index": position, "top_k": 5,
+                                              "lens": "jacobian", "jlens": "viewer-lens"}))
+    top = answer["predictions_by_layer"][0]["top_tokens"][0]
+    assert f"id {top['token_id']}" in hover_text(page, panel.locator(".lens-row").first.locator(".lens-cell").first)
+    # the grid with a target: the Jacobian curve and the logit lens's on one chart
+    redraw(page, panel, lambda: page.select_option("#lens-mode", "grid"))
+    assert panel.locator(".lens-title").text_content().startswith("Jacobian lens viewer-lens:")
+    redraw(page, panel, lambda: (page.fill("#lens-target", " Paris"), page.press("#lens-target", "Enter")))
+    body = {"text": FACT, "top_k": 5, "target": " Paris"}
+    jacobian = ok(client.post("/lens", json={**body, "lens": "jacobian", "jlens": "viewer-lens"}))["target"]
+    logit = ok(client.post("/lens", json=body))["target"]
+    k = position  # a short text: the grid reads every position
+    n_layers = len(jacobian["probability"])
+    def curve(cls: str) -> list[float]:
+        return [float(panel.locator(f"circle.{cls}").nth(l).locator("title").text_content().split("= ")[1])
+                for l in range(n_layers)]
+    assert curve("target-prob") == [jacobian["probability"][l][k] for l in range(n_layers)]
+    assert curve("logit-prob") == [logit["probability"][l][k] for l in range(n_layers)]
+    screenshot(page, "jlens-grid-target")
+    # back to the logit lens: one curve, the original title
+    redraw(page, panel, lambda: page.select_option("#lens-kind", "logit"))
+    assert panel.locator(".lens-title").text_content().startswith("Logit lens:")
+    assert panel.locator("circle.logit-prob").count() == 0
+
+
+def test_jlens_fit_cancel(jlens_page, jlens_server):
+    page, server = jlens_page, jlens_server
+    open_view(page, "lens")
+    page.fill("#jlens-texts", "\n".join(CORPUS * 20))  # seconds of fitting, within the job bound
+    page.fill("#jlens-name", "never")
+    page.click("#jlens-run")
+    page.wait_for_function("!document.querySelector('#jlens-cancel').disabled")
+    page.click("#jlens-cancel")
+    page.wait_for_function("document.querySelector('#jlens-status').textContent === 'cancelled'", timeout=60_000)
+    assert not page.locator("#jlens-run").is_disabled()
+    assert "never" not in [lens["name"] for lens in ok(server[1].get("/model"))["lenses"]]
+
+
+@pytest.fixture(scope="module")
+def two_jlens_server(tiny_model, other_model, tmp_path_factory):
+    """Two tiny models, each with a Jacobian lens fitted here (copies: the session's models keep none)."""
+    app = create_app({"JLENS_DIR": str(tmp_path_factory.mktemp("jlens-two"))},
+                     model={"tiny-a": dataclasses.replace(tiny_model, lenses={}),
+                            "tiny-b": dataclasses.replace(other_model, lenses={})})
+    client = app.test_client()
+    for model in ("tiny-a", "tiny-b"):
+        started = client.post("/jobs/jlens_fit", json={"texts": CORPUS, "name": f"lens-{model}", "model": model})
+        assert started.status_code == 202, started.get_json()
+        assert helpers.wait_job(client, started.get_json()["job"], timeout=300)["status"] == "done"
+    with running(make_server("127.0.0.1", 0, app, threaded=True)) as httpd:
+        yield f"http://127.0.0.1:{httpd.server_port}", client
+
+
+def test_compare_two_models_through_their_jacobian_lenses(browser, two_jlens_server):
+    for page in viewer_page(browser, two_jlens_server):
+        analyze(page, TEXT)
+        panel = open_view(page, "compare")
+        choose(page, panel, "#cmp-lens", "jacobian")
+        cells = panel.locator(".lens-grid-cell")
+        for column, model in enumerate(("tiny-a", "tiny-b")):
+            jacobian = api(two_jlens_server, "/lens", {"text": TEXT, "top_k": 5, "model": model, "lens": "jacobian"})
+            logit = api(two_jlens_server, "/lens", {"text": TEXT, "top_k": 5, "model": model})
+            n_layers, n_pos = len(jacobian["top"]), len(jacobian["positions"])
+            assert jacobian["top"][0] != logit["top"][0]  # the lens changes what layer 0 reads
+            label = cells.nth(column * n_layers * n_pos + (n_layers - 1) * n_pos).locator("text").text_content()
+            assert label == show_token(jacobian["top"][0][0][0]["token"], 8)  # first layer, position 0
+        assert panel.locator(".lens-title").first.text_content().startswith("Jacobian")
