@@ -405,6 +405,8 @@ Each has its own script (one run, ratios measured within it) and results file:
 | generation (tokens/s against HF `generate`, streaming, memory) | `python -m bench.generate_bench` | [RESULTS-generate.md](RESULTS-generate.md) |
 | long requests (admission, cancel, disconnect, memory) | `python -m bench.long_bench` | [RESULTS-long.md](RESULTS-long.md) |
 | SAE features (`/features` against a forward pass, warm, memory) | `python -m bench.features_bench` | [RESULTS-features.md](RESULTS-features.md) |
+| the Jacobian lens (`/lens` through a lens against the logit lens, warm, fitting) | `python -m bench.jlens_bench` | [RESULTS-jlens.md](RESULTS-jlens.md) |
+| Ray Serve cluster (latency added, throughput with 1 and 2 replicas, start-up, install size) | `python -m bench.cluster_bench` | [RESULTS-cluster.md](RESULTS-cluster.md) |
 | this table on an H100 | `python -m bench.bench --device cuda` | [RESULTS-h100.md](RESULTS-h100.md) |
 """
 
