@@ -1,7 +1,7 @@
 """Regenerate examples/*.json from a running server: `python scripts/make_examples.py [URL [FILE ...]]`
 (FILE names, e.g. example6_model.json: only those; default every example). example15 (GET /models)
 wants a server with two models: `python app.py --random-weights --model a --model b`; the others a
-server with the random SAE "demo" (`SAE_COMMAND` below).
+server with the random SAE "demo" and the random Jacobian lens "demo" (`SAE_COMMAND`, `LENS_COMMAND`).
 
 Each file is the server's exact response plus an `_example` field recording the request and the
 model that answered (frontends load these as mock data while the server is down).
@@ -48,10 +48,15 @@ EXAMPLES = [
     ("example20_feature.json", "/feature", {"text": IOI, "sae": "demo", "index": 1900, "top_k": 3, "answer": " Mary",
                                             "distractor": " John", "edit": "ablate", "indices": [1900, 482, 7]}),
     ("example21_saes.json", "/saes", None),
+    ("example22_lens_jacobian.json", "/lens", {"text": TEXT, "target": " mat", "top_k": 3, "lens": "jacobian"}),
 ]
-# The SAE the examples read: random, on GPT-2 small's shape (`python app.py --random-weights --sae name=demo,DIR`).
+# The SAE and the Jacobian lens the examples read, both random on GPT-2 small's shape:
+# `python app.py --random-weights --sae name=demo,DIR --jlens LENS_DIR/demo.pt`.
 SAE_COMMAND = ("from model_utils import write_random_sae; write_random_sae(DIR, d_in=768, d_sae=4096, "
                "hook='blocks.6.hook_resid_pre', scale=6.3, seed=6)")
+LENS_COMMAND = ("import torch; from transformer_lens.tools.analysis import JacobianLens; from explorer.runtime import "
+                "jlens; torch.manual_seed(0); jlens.save(JacobianLens({l: torch.eye(768) + 0.02 * torch.randn(768, 768) "
+                "for l in range(11)}, n_prompts=1, d_model=768), LENS_DIR, 'demo')")
 # Jobs: the file is the finished job (GET /jobs/{id}), the request the POST that started it.
 JOB_EXAMPLES = [
     ("example9_chg_job.json", "/jobs/chg", {"texts": [IOI, "When Tom and Anna went to the park, Anna gave a ball to"],

@@ -1,6 +1,7 @@
 """examples/ (mock data for frontends) and API.md's curl examples still match the live contract."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -31,9 +32,28 @@ def demo_sae(tmp_path_factory) -> str:
                                 hook="blocks.1.hook_resid_pre", scale=0.3))
 
 
+@pytest.fixture(scope="module")
+def demo_lens(tmp_path_factory) -> str:
+    """The examples' Jacobian lens "demo" (scripts/make_examples.py) on the tiny model's shape."""
+    import torch
+    from transformer_lens.tools.analysis import JacobianLens
+
+    from explorer.runtime import jlens
+
+    generator = torch.Generator().manual_seed(0)
+    lens = JacobianLens({l: torch.eye(64) + 0.02 * torch.randn(64, 64, generator=generator) for l in range(2)},
+                        n_prompts=1, d_model=64)
+    return jlens.save(lens, str(tmp_path_factory.mktemp("demo-lens")), "demo")
+
+
 @pytest.fixture()
-def client(tiny_model, demo_sae):
-    return create_app({"TESTING": True, "SAES": [f"name=demo,{demo_sae}"]}, model=tiny_model).test_client()
+def client(tiny_model, demo_sae, demo_lens, tmp_path):
+    from explorer.runtime import jlens
+
+    model = dataclasses.replace(tiny_model, lenses={})  # the session's model keeps none
+    jlens.attach([model], [demo_lens])
+    return create_app({"TESTING": True, "SAES": [f"name=demo,{demo_sae}"], "JLENS_DIR": str(tmp_path)},
+                      model=model).test_client()
 
 
 @pytest.mark.parametrize("name,path,body", EXAMPLES, ids=[e[0] for e in EXAMPLES])
