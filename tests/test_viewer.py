@@ -36,9 +36,9 @@ if not os.path.exists(CHROMIUM):
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def serving(model):
+def serving(model, config: dict | None = None):
     """The real app (same factory as `python app.py`) on a free loopback port, in a thread."""
-    app = create_app(model=model)
+    app = create_app(config, model=model)
     with running(make_server("127.0.0.1", 0, app, threaded=True)) as httpd:
         yield f"http://127.0.0.1:{httpd.server_port}", app.test_client()
 
@@ -950,9 +950,7 @@ def sae_server(tiny_model, tmp_path_factory):
 
     path = write_random_sae(tmp_path_factory.mktemp("viewer-sae"), d_in=64, d_sae=96, hook="blocks.1.hook_resid_pre",
                             scale=0.3)
-    app = create_app({"SAES": [f"name=demo,{path}"]}, model=tiny_model)
-    with running(make_server("127.0.0.1", 0, app, threaded=True)) as httpd:
-        yield f"http://127.0.0.1:{httpd.server_port}", app.test_client()
+    yield from serving(tiny_model, {"SAES": [f"name=demo,{path}"]})
 
 
 @pytest.fixture()
@@ -1142,10 +1140,7 @@ def test_generate_top_k_top_p_and_stop_strings(page, server):
 @pytest.fixture(scope="module")
 def jlens_server(tiny_model, tmp_path_factory):
     """The app on a copy of the tiny model with no lens yet, saving fitted lenses to a temporary directory."""
-    app = create_app({"JLENS_DIR": str(tmp_path_factory.mktemp("jlens"))},
-                     model=dataclasses.replace(tiny_model, lenses={}))
-    with running(make_server("127.0.0.1", 0, app, threaded=True)) as httpd:
-        yield f"http://127.0.0.1:{httpd.server_port}", app.test_client()
+    yield from serving(dataclasses.replace(tiny_model, lenses={}), {"JLENS_DIR": str(tmp_path_factory.mktemp("jlens"))})
 
 
 @pytest.fixture()
@@ -1216,16 +1211,13 @@ def test_jlens_fit_cancel(jlens_page, jlens_server):
 @pytest.fixture(scope="module")
 def two_jlens_server(tiny_model, other_model, tmp_path_factory):
     """Two tiny models, each with a Jacobian lens fitted here (copies: the session's models keep none)."""
-    app = create_app({"JLENS_DIR": str(tmp_path_factory.mktemp("jlens-two"))},
-                     model={"tiny-a": dataclasses.replace(tiny_model, lenses={}),
-                            "tiny-b": dataclasses.replace(other_model, lenses={})})
-    client = app.test_client()
-    for model in ("tiny-a", "tiny-b"):
-        started = client.post("/jobs/jlens_fit", json={"texts": CORPUS, "name": f"lens-{model}", "model": model})
-        assert started.status_code == 202, started.get_json()
-        assert helpers.wait_job(client, started.get_json()["job"], timeout=300)["status"] == "done"
-    with running(make_server("127.0.0.1", 0, app, threaded=True)) as httpd:
-        yield f"http://127.0.0.1:{httpd.server_port}", client
+    models = {"tiny-a": dataclasses.replace(tiny_model, lenses={}), "tiny-b": dataclasses.replace(other_model, lenses={})}
+    for url, client in serving(models, {"JLENS_DIR": str(tmp_path_factory.mktemp("jlens-two"))}):
+        for model in models:
+            started = client.post("/jobs/jlens_fit", json={"texts": CORPUS, "name": f"lens-{model}", "model": model})
+            assert started.status_code == 202, started.get_json()
+            assert helpers.wait_job(client, started.get_json()["job"], timeout=300)["status"] == "done"
+        yield url, client
 
 
 def test_compare_two_models_through_their_jacobian_lenses(browser, two_jlens_server):
