@@ -65,7 +65,8 @@ class ModelServer:
     def __init__(self, config: dict[str, Any], redis_url: str, torch_threads: int, http_threads: int,
                  stuck_seconds: float) -> None:
         torch.set_num_threads(torch_threads)  # N replicas on one machine share its cores
-        models = load_configured(dict(config))
+        config = dict(config)  # load_configured replaces its --sae specs by the loaded SAEs, which create_app attaches
+        models = load_configured(config)
         if models is None:
             raise RuntimeError(f"could not load {config['MODEL']} (the reason is in this replica's log)")
         self.app = create_app(config, model=models)
