@@ -11,8 +11,10 @@ process:
   at most 1.3x);
 - the same Jacobian `/lens` request again (warm: read from the cache) against its cold time;
 - fitting: `POST /jobs/jlens_fit` on texts of `--fit-tokens` tokens (default 128, as the
-  library's default `max_seq_len`), seconds per text. The lens of the readout rows is an
-  identity plus noise: its values change no timing.
+  library's default `max_seq_len`), seconds per text and per chunk (one backward pass); a cold
+  `/predict` on a new short text while the fit runs against the same request idle (it waits for
+  at most the chunk running); a DELETE inside the first text of another fit until it is
+  cancelled. The lens of the readout rows is an identity plus noise: its values change no timing.
 
 Times are server-side (the Flask app in process, JSON encoding included); ratios are medians of
 per-pair ratios.
@@ -67,26 +69,61 @@ def run(model_dir: str, quick: bool, device: str, fit_tokens: int, lens_dir: str
     for text in seen:
         warm_j += [request(client, "/lens", {"text": text, **jacobian}) for _ in range(3)]
     n_fit = 1 if quick else 2
-    start = time.perf_counter()
-    r = client.post("/jobs/jlens_fit", json={"texts": [texts.make(fit_tokens) for _ in range(n_fit)], "name": "fit",
-                                             "max_seq_len": fit_tokens})
-    if r.status_code != 202:
-        raise RuntimeError(f"/jobs/jlens_fit -> {r.status_code}: {r.get_data()[:300]!r}")
-    job = r.get_json()["job"]
-    while (state := client.get(f"/jobs/{job}").get_json())["status"] not in ("done", "error", "cancelled"):
-        time.sleep(0.5)
-    if state["status"] != "done":
-        raise RuntimeError(f"the fit ended {state['status']}: {state.get('error')}")
-    per_text = (time.perf_counter() - start) / n_fit
+    fit = fitting(client, texts, fit_tokens, n_fit, int(model.cfg.d_model))
     app.extensions["explorer"].worker.wait_idle(60)
     return [
         (f"/lens jacobian cold / logit cold, {LENS_TOKENS} tokens, all positions", median(cold_j), median(cold_l),
          median([j / l for j, l in zip(cold_j, cold_l)])),
         (f"/lens jacobian warm / cold, same {LENS_TOKENS}-token text (cold is how many times warm)", median(warm_j),
          median(cold_j), median(cold_j) / median(warm_j)),
-        (f"/jobs/jlens_fit, ms per {fit_tokens}-token text ({n_fit} texts; no reference)", per_text * 1000, float("nan"),
+        (f"/jobs/jlens_fit, ms per {fit_tokens}-token text ({n_fit} texts; no reference)", fit["per_text"], float("nan"),
          float("nan")),
+        (f"/jobs/jlens_fit, ms per chunk (one backward pass; {fit['chunks']} chunks) / per text", fit["per_chunk"],
+         fit["per_text"], fit["per_chunk"] / fit["per_text"]),
+        (f"/predict cold, new {PROBE_TOKENS}-token text, during a fit / idle (median of {len(fit['busy'])})",
+         median(fit["busy"]), median(fit["idle"]), median(fit["busy"]) / median(fit["idle"])),
+        ("DELETE of a fit inside its first text -> cancelled, ms / ms per chunk", fit["cancel"], fit["per_chunk"],
+         fit["cancel"] / fit["per_chunk"]),
     ]
+
+
+PROBE_TOKENS = 16
+
+
+def wait(client: Any, job: str, until: Any) -> dict[str, Any]:
+    while not until(state := client.get(f"/jobs/{job}").get_json()):
+        time.sleep(0.05)
+    return state
+
+
+def fitting(client: Any, texts: Texts, fit_tokens: int, n_fit: int, d_model: int) -> dict[str, Any]:
+    """Fit `n_fit` texts as a job, asking `/predict` about new texts meanwhile (and idle, before);
+    then start another fit and cancel it inside its first text. Times in ms."""
+    probe = {"token_index": 0, "top_k": 5}
+    idle = [request(client, "/predict", {"text": texts.make(PROBE_TOKENS), **probe}) for _ in range(3)]
+    start = time.perf_counter()
+    r = client.post("/jobs/jlens_fit", json={"texts": [texts.make(fit_tokens) for _ in range(n_fit)], "name": "fit",
+                                             "max_seq_len": fit_tokens})
+    if r.status_code != 202:
+        raise RuntimeError(f"/jobs/jlens_fit -> {r.status_code}: {r.get_data()[:300]!r}")
+    job, busy = r.get_json()["job"], []
+    while (state := client.get(f"/jobs/{job}").get_json())["status"] not in ("done", "error", "cancelled"):
+        if state["status"] == "running" and len(busy) < 5:
+            busy.append(request(client, "/predict", {"text": texts.make(PROBE_TOKENS), **probe}))
+        time.sleep(1.0)
+    if state["status"] != "done":
+        raise RuntimeError(f"the fit ended {state['status']}: {state.get('error')}")
+    total = (time.perf_counter() - start) * 1000
+    chunks = n_fit * -(-d_model // jlens.DIM_BATCH)
+    r = client.post("/jobs/jlens_fit", json={"texts": [texts.make(fit_tokens)], "name": "cancelled",
+                                             "max_seq_len": fit_tokens})
+    job = r.get_json()["job"]
+    wait(client, job, lambda s: s["progress"] > 0)
+    cancelled = time.perf_counter()
+    client.delete(f"/jobs/{job}")
+    wait(client, job, lambda s: s["status"] == "cancelled")
+    return {"per_text": total / n_fit, "chunks": chunks, "per_chunk": total / chunks, "idle": idle, "busy": busy,
+            "cancel": (time.perf_counter() - cancelled) * 1000}
 
 
 def main() -> int:

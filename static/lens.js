@@ -20,11 +20,14 @@ const lensFields = () => {
   return value === "logit" ? {} : { lens: "jacobian", jlens: value.slice("jacobian:".length) };
 };
 
-// The switch's options: the logit lens and every Jacobian lens GET /model lists (`select`: the
-// one to choose, else the current choice if still there).
+// The switch's options: the logit lens, every Jacobian lens GET /model lists as loaded, and those
+// saved for the model but not loaded yet (the server loads one when it is first asked for;
+// `select`: the one to choose, else the current choice if still there).
 async function fillLenses(select = $("#lens-kind").value) {
   const info = await api.getModel();
-  const items = [["logit", "logit"], ...info.lenses.map((l) => [`jacobian:${l.name}`, `Jacobian: ${l.name}`])];
+  const saved = (info.lenses_available ?? []).filter((a) => a.kind === "file" && !a.loaded);
+  const items = [["logit", "logit"], ...info.lenses.map((l) => [`jacobian:${l.name}`, `Jacobian: ${l.name}`]),
+                 ...saved.map((a) => [`jacobian:${a.name}`, `Jacobian: ${a.name} (saved)`])];
   options($("#lens-kind"), items, items.some(([v]) => v === select) ? select : "logit");
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def test_lens_choice_errors(client, jmodel, tiny_model):
     assert "lens must be one of" in err(client.post("/lens", json={"text": TEXT, "lens": "tuned"}))
     with_lens(jmodel, fitted(tiny_model.bridge, source_layers=[0]), "partial")
     assert "every layer" in err(client.post("/predict", json={"text": TEXT, "token_index": 1, "lens": "jacobian"}))
-    assert "'nope' is not loaded" in err(client.post("/lens", json={"text": TEXT, "lens": "jacobian", "jlens": "nope"}))
+    assert "'nope' is neither loaded nor saved" in err(client.post("/lens", json={"text": TEXT, "lens": "jacobian", "jlens": "nope"}))
 
 
 # --- fitting as a job, saving and loading ------------------------------------------------------
@@ -237,7 +238,7 @@ def test_jlens_steering_vector_is_the_library_lens_vector(client, jmodel, tiny_l
     assert np.allclose(answer["values"], expected.numpy(), atol=1e-6, rtol=0)
     assert "site must be \"resid_post\"" in err(client.post("/steering_vector", json={**body, "site": "resid_pre"}))
     assert "has matrices for layers [0, 1], not 2" in err(client.post("/steering_vector", json={**body, "layer": 2}))
-    assert "vector.jlens 'x' is not loaded" in err(client.post(
+    assert "vector.jlens 'x' is neither loaded nor saved" in err(client.post(
         "/steering_vector", json={**body, "vector": {"kind": "jlens", "token": " Paris", "jlens": "x"}}))
 
 
@@ -290,3 +291,91 @@ def test_jlens_flag_loads_with_the_models_or_explains(tiny_dir, tiny_model, tiny
     assert "Could not load the Jacobian lens" in out and "Traceback" not in out
     monkeypatch.setenv("EXPLORER_JLENS", str(path))
     assert configured()["JLENS"] == [str(path)]
+
+
+# --- the fit in chunks --------------------------------------------------------------------------
+
+def test_the_fit_in_turns_equals_the_library_fit_while_other_passes_interleave(tiny_model):
+    """The job's fit runs one backward pass per chunk; forward passes of other requests between
+    chunks see the model unchanged, and the lens is still exactly `JacobianLens.fit`'s."""
+    from explorer.runtime.jobs import in_turns
+
+    bridge, d_model = tiny_model.bridge, int(tiny_model.cfg.d_model)
+    flags = [p.requires_grad for p in bridge.parameters()]
+    ids = torch.tensor([bridge.to_tokens(TEXT)[0].tolist()])
+    with torch.inference_mode():
+        before = bridge(ids).clone()
+    steps = in_turns(lambda pause: jlens.fit(bridge, CORPUS[:2], corpus="tests", source_layers=None,
+                                             max_seq_len=64, pause=pause))
+    chunks = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            lens = stop.value
+            break
+        chunks += 1
+        with torch.inference_mode():  # another request's pass, between two chunks of the fit
+            assert torch.equal(bridge(ids), before)
+    assert chunks == 2 * -(-d_model // jlens.DIM_BATCH)  # one pause per backward pass
+    direct = fitted(bridge, CORPUS[:2], max_seq_len=64)
+    assert lens.source_layers == direct.source_layers and lens.metadata == direct.metadata
+    for layer in direct.source_layers:
+        assert torch.equal(lens.jacobians[layer], direct.jacobians[layer])
+    assert [p.requires_grad for p in bridge.parameters()] == flags  # the library's freeze undone
+
+
+def test_a_fit_cancelled_inside_a_text_stops_within_a_pass_and_restores_the_model(client, jmodel, tmp_path):
+    flags = [p.requires_grad for p in jmodel.bridge.parameters()]
+    texts = CORPUS * 20
+    job = client.post("/jobs/jlens_fit", json={"texts": texts, "name": "inside"}).get_json()["job"]
+    seen: list[float] = []
+    deadline = time.monotonic() + 60
+    while len(seen) < 20 and time.monotonic() < deadline:
+        if (state := ok(client.get(f"/jobs/{job}")))["progress"] > 0:
+            seen.append(state["progress"] * len(texts))
+        time.sleep(0.003)
+    assert state["status"] == "running"
+    assert any(abs(done - round(done)) > 1e-3 for done in seen), seen  # progress inside a text, not only between
+    busy = client.post("/jobs/jlens_fit", json={"texts": CORPUS, "name": "second"})
+    assert busy.status_code == 503 and "already running" in busy.get_json()["error"]
+    assert ok(client.delete(f"/jobs/{job}"))["status"] in ("cancelling", "cancelled")
+    assert wait_job(client, job, timeout=60)["status"] == "cancelled"
+    assert [p.requires_grad for p in jmodel.bridge.parameters()] == flags  # the library's freeze undone
+    assert "inside" not in jmodel.lenses and not (tmp_path / "jlens" / "inside.pt").exists()
+    r = client.post("/jobs/jlens_fit", json={"texts": CORPUS[:1], "name": "after"})  # the slot is free again
+    assert wait_job(client, r.get_json()["job"], timeout=120)["status"] == "done"
+
+
+def test_model_lists_the_lenses_it_can_load_and_a_saved_one_loads_by_name(client, jmodel, tmp_path, monkeypatch):
+    assert ok(client.get("/model"))["lenses_available"] == []
+    r = client.post("/jobs/jlens_fit", json={"texts": CORPUS[:2], "name": "kept"})
+    assert wait_job(client, r.get_json()["job"], timeout=120)["status"] == "done"
+    path = str(tmp_path / "jlens" / "kept.pt")
+    listed = ok(client.get("/model"))["lenses_available"]
+    assert [(a["kind"], a["spec"], a["name"], a["loaded"], a["n_prompts"]) for a in listed] == \
+        [("file", path, "kept", True, 2)]
+    # a server started later (same lens directory, the lens not loaded) lists it, and loads it by name
+    (tmp_path / "jlens" / "other.pt").write_bytes(b"not a lens")  # skipped, not an error
+    later_model = fresh(jmodel)
+    later = create_app({"TESTING": True, "JLENS_DIR": str(tmp_path / "jlens")}, model=later_model).test_client()
+    assert [(a["name"], a["loaded"]) for a in ok(later.get("/model"))["lenses_available"]] == [("kept", False)]
+    answer = grid(later, lens="jacobian", jlens="kept")
+    assert answer == grid(client, lens="jacobian", jlens="kept")  # the same lens as the fitting server's
+    assert [lens["name"] for lens in ok(later.get("/model"))["lenses"]] == ["kept"]
+    assert "neither loaded nor saved" in err(later.post("/lens", json={"text": GRID_TEXT, "lens": "jacobian",
+                                                                        "jlens": "other"}))
+    monkeypatch.setattr(jmodel.cfg, "model_name", "another-model")  # a lens saved for another model is not listed
+    assert jlens.available(jmodel, str(tmp_path / "jlens")) == []
+
+
+def test_model_lists_the_registry_lens_of_its_hub_id(jmodel, tmp_path):
+    hub = dataclasses.replace(jmodel, lenses={}, source={"kind": "hub", "id": "openai-community/gpt2", "commit": None})
+    listed = jlens.available(hub, str(tmp_path / "none"))
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, filename, revision = jlens._registry("gpt2-small")
+    cached = isinstance(try_to_load_from_cache(repo, filename, revision=revision), str)  # False here: no network
+    assert listed == [{"kind": "hub", "spec": "openai-community/gpt2", "name": "gpt2_jacobian_lens", "repo": repo,
+                       "filename": filename, "revision": revision, "cached": cached, "loaded": False}]
+    assert jlens.available(dataclasses.replace(hub, source={"kind": "hub", "id": "no/such-model"}), str(tmp_path)) == []

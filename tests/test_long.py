@@ -224,3 +224,70 @@ def test_a_cancel_stops_a_long_pass_between_blocks(tiny_model, cancellable):
             assert reached == list(range(n_layers))
     finally:
         worker.close()
+
+
+def test_in_turns_runs_a_blocking_function_as_chunks_never_alongside_the_caller():
+    """`in_turns`: each next() runs the function to its next pause, the caller waits meanwhile (the
+    two threads never run at once), the function's value is the result and its error is raised."""
+    import threading
+
+    from explorer.runtime.jobs import in_turns
+
+    log: list[str] = []
+    inside = threading.Lock()
+
+    def fn(pause) -> str:
+        for i in range(3):
+            assert inside.acquire(blocking=False)  # the caller is not running meanwhile
+            log.append(f"work {i}")
+            inside.release()
+            pause()
+        return "value"
+
+    steps = in_turns(fn)
+    assert log == []  # nothing runs before the first next()
+    chunks = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            assert stop.value == "value"
+            break
+        assert inside.acquire(blocking=False)
+        log.append(f"caller {chunks}")
+        inside.release()
+        chunks += 1
+    assert log == ["work 0", "caller 0", "work 1", "caller 1", "work 2", "caller 2"]
+
+    def fails(pause) -> None:
+        pause()
+        raise ValueError("from the function")
+
+    broken = in_turns(fails)
+    next(broken)
+    with pytest.raises(ValueError, match="from the function"):
+        next(broken)
+
+
+def test_closing_in_turns_unwinds_the_paused_function():
+    import threading
+
+    from explorer.runtime.jobs import in_turns
+
+    unwound, after_pause = threading.Event(), []
+
+    def fn(pause) -> None:
+        try:
+            pause()
+            after_pause.append("ran")  # never: the pause raises once the steps are closed
+        finally:
+            unwound.set()
+
+    steps = in_turns(fn)
+    next(steps)
+    steps.close()
+    assert unwound.is_set() and after_pause == []  # close() returned after the function unwound
+    assert not any(t.name == "turns" and t.is_alive() for t in threading.enumerate())
+    never = in_turns(fn)
+    never.close()  # never started: no thread was made
+    assert not any(t.name == "turns" and t.is_alive() for t in threading.enumerate())

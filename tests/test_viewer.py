@@ -1208,6 +1208,29 @@ def test_jlens_fit_cancel(jlens_page, jlens_server):
     assert "never" not in [lens["name"] for lens in ok(server[1].get("/model"))["lenses"]]
 
 
+def test_a_lens_saved_earlier_is_offered_and_loads_when_chosen(browser, tiny_model, jlens_server):
+    """A server started later on the same lens directory offers the saved lens (not loaded yet);
+    choosing it draws the grid through it, as the API reads it."""
+    client = jlens_server[1]
+    started = client.post("/jobs/jlens_fit", json={"texts": CORPUS, "name": "earlier"})
+    assert helpers.wait_job(client, started.get_json()["job"], timeout=300)["status"] == "done"
+    later = serving(dataclasses.replace(tiny_model, lenses={}), {"JLENS_DIR": client.application.config["JLENS_DIR"]})
+    for url, later_client in later:
+        for page in viewer_page(browser, (url, later_client)):
+            analyze(page, FACT)
+            panel = open_view(page, "lens")
+            page.wait_for_function("[...document.querySelectorAll('#lens-kind option')].some("
+                                   "o => o.textContent === 'Jacobian: earlier (saved)')")
+            redraw(page, panel, lambda: page.select_option("#lens-kind", "jacobian:earlier"))
+            assert panel.locator(".lens-title").text_content().startswith("Jacobian lens earlier")
+            assert [lens["name"] for lens in ok(later_client.get("/model"))["lenses"]] == ["earlier"]
+            position = int(page.input_value("#lens-pos"))
+            answer = ok(client.post("/predict", json={"text": FACT, "token_index": position, "top_k": 5,
+                                                      "lens": "jacobian", "jlens": "earlier"}))
+            top = answer["predictions_by_layer"][0]["top_tokens"][0]
+            assert f"id {top['token_id']}" in hover_text(page, panel.locator(".lens-row").first.locator(".lens-cell").first)
+
+
 @pytest.fixture(scope="module")
 def two_jlens_server(tiny_model, other_model, tmp_path_factory):
     """Two tiny models, each with a Jacobian lens fitted here (copies: the session's models keep none)."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generator, Iterator, Sequence, TypeVar
 
-from ..runtime.jobs import Steps
+from ..runtime.jobs import Steps, in_turns
 
-__all__ = ["Steps", "over_chunks", "scaled"]
+__all__ = ["Steps", "in_turns", "over_chunks", "scaled"]
 T = TypeVar("T")
 
 

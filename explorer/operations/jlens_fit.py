@@ -1,25 +1,29 @@
 """POST /jobs/jlens_fit: fit a Jacobian lens on the given texts as a background job (TransformerLens'
-`JacobianLens.fit`, one text per chunk of worker time), save it under the lens directory
-(`--jlens-dir`) and make it available to /lens and /predict at once.
+`JacobianLens.fit`), save it under the lens directory (`--jlens-dir`) and make it available to
+/lens and /predict at once.
 
-Each text is fitted alone and the per-text matrices summed in order, then divided by their
-count: exactly what `JacobianLens.fit` does over the whole list, so the job's lens equals the
-library's on the same texts, while the job reports progress and stops between texts when
-cancelled. One text is one chunk: on a CPU a GPT-2-small text of 128 tokens takes minutes
-(bench/jlens_bench.py), and other requests wait for the chunk that is running.
+The fit is the library's own (`runtime.jlens.fit`: its validation, drive loop and sums), so the
+job's lens equals `JacobianLens.fit` on the same texts. It runs `in_turns` with the model worker,
+one chunk per backward pass of the library's loop (the first of each text also runs the text's
+forward pass): on a CPU a GPT-2-small text of 128 tokens takes minutes (bench/jlens_bench.py), so a
+whole text per chunk would hold every other request and a cancel for that long. Between chunks
+the fit's autograd graph stays alive while other requests use the model: they run without
+gradients on the parameters, which the fit keeps frozen. One fit per model at a time (two would
+each freeze and restore the same parameters' flags).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from typing import Any, Optional
+import threading
+from typing import Any, Callable, Iterator, Optional
 
-import torch
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, Overloaded
 from ..math.replay import row_bytes
-from ..math.steps import Steps
+from ..math.steps import Steps, in_turns
 from ..runtime import jlens
 from ..session import Explorer
 from .base import Cost, Request, admit, check_count, check_index, each_text, forward_work, operation, shape
@@ -27,7 +31,8 @@ from .predict import LensArtifact
 
 MAX_TEXTS = 1000  # the published lenses use up to 1000 prompts
 DEFAULT_MAX_SEQ_LEN = 128  # the library's default
-DIM_BATCH = 8  # output dimensions per backward pass (the library's default; recorded in the artifact)
+_fitting: set[int] = set()  # the bridges (ids) with a fit running
+_fitting_lock = threading.Lock()
 
 
 class JlensFitRequest(Request):
@@ -48,6 +53,25 @@ class JlensFitResult(BaseModel):
     path: str = Field(description="The saved artifact: start the server with --jlens PATH to load it again.")
     artifact: LensArtifact
     texts: int = Field(description="How many texts were fitted on.")
+
+
+def busy(model: str) -> str:
+    return (f"a Jacobian lens fit is already running for model {model!r}; wait for it to end or cancel it "
+            "(DELETE /jobs/{id})")
+
+
+@contextlib.contextmanager
+def fitting(ex: Explorer) -> Iterator[None]:
+    """Hold the model's one fit slot while a fit runs (a job that finds it taken ends with `busy`)."""
+    with _fitting_lock:
+        if id(ex.bridge) in _fitting:
+            raise InvalidRequest(busy(ex.model.name))
+        _fitting.add(id(ex.bridge))
+    try:
+        yield
+    finally:
+        with _fitting_lock:
+            _fitting.discard(id(ex.bridge))
 
 
 def corpus(texts: list[str]) -> str:
@@ -93,26 +117,33 @@ def jlens_fit(ex: Explorer, req: JlensFitRequest) -> Steps:
     d_model, longest = int(ex.cfg.d_model), max(lengths)
     # per text: a forward pass of DIM_BATCH copies, then ceil(d_model / DIM_BATCH) backward passes
     # (each about two forward passes) of them; autograd keeps every block's activations of the copies
-    rows = DIM_BATCH * (1 + 2 * -(-d_model // DIM_BATCH))
+    rows = jlens.DIM_BATCH * (1 + 2 * -(-d_model // jlens.DIM_BATCH))
     admit(ex, Cost(rows * sum(forward_work(n_layers, n) for n in lengths), longest,
-                   DIM_BATCH * n_layers * row_bytes(ex.cfg, longest)), True,
+                   jlens.DIM_BATCH * n_layers * row_bytes(ex.cfg, longest)), True,
           "fit on fewer or shorter texts (max_seq_len)")
+    if id(ex.bridge) in _fitting:  # answered now (503); `fitting` decides when the job starts
+        raise Overloaded(busy(model.name), retry_after=30)
     fitted_on = corpus(req.texts)
 
+    n_passes = -(-d_model // jlens.DIM_BATCH)  # backward passes per text
+
+    def fit(pause: Callable[[], None]) -> Any:
+        return jlens.fit(ex.bridge, req.texts, corpus=fitted_on, source_layers=layers, max_seq_len=max_seq_len,
+                         pause=pause)
+
     def steps() -> Steps:
-        total: dict[int, torch.Tensor] = {}
-        metadata: dict[str, Any] = {}
-        for i, text in enumerate(req.texts):
-            yield {"progress": i / len(req.texts), "texts_done": i}
-            with torch.inference_mode(False):  # the fit differentiates through the model
-                part = JacobianLens.fit(ex.bridge, [text], corpus=fitted_on, source_layers=layers,
-                                        dim_batch=DIM_BATCH, max_seq_len=max_seq_len, show_progress=False)
-            for layer, matrix in part.jacobians.items():  # summed in order, as the library's own fit sums
-                total[layer] = matrix if layer not in total else total[layer] + matrix
-            metadata = part.metadata
-        n = len(req.texts)
-        lens = JacobianLens({layer: matrix / n for layer, matrix in total.items()}, n_prompts=n, d_model=d_model,
-                            metadata={**metadata, "n_prompts": n})
+        # One chunk per backward pass (the first of each text also runs its forward pass): a cancel
+        # or another request waits for one pass, not for a whole text.
+        with fitting(ex), contextlib.closing(in_turns(fit)) as turns:  # closed: the fit unwound
+            passes = 0
+            while True:
+                try:
+                    next(turns)
+                except StopIteration as stop:
+                    lens = stop.value
+                    break
+                yield {"progress": passes / (n_passes * len(req.texts)), "texts_done": passes // n_passes}
+                passes += 1
         try:
             saved = jlens.save(lens, ex.lens_dir, req.name)
         except FileExistsError:
@@ -123,6 +154,6 @@ def jlens_fit(ex: Explorer, req: JlensFitRequest) -> Steps:
                                   {"kind": "file", "path": saved, "sha256": jlens.file_sha256(saved)})
         if model.lenses.setdefault(req.name, loaded) is not loaded:
             raise InvalidRequest(f"a lens named {req.name!r} was loaded while the fit ran; the fit is saved at {saved}")
-        return shape(JlensFitResult, name=req.name, path=saved, artifact=loaded.info(), texts=n)
+        return shape(JlensFitResult, name=req.name, path=saved, artifact=loaded.info(), texts=len(req.texts))
 
     return steps()

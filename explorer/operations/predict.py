@@ -11,7 +11,8 @@ from pydantic import BaseModel, Field, StrictInt, StrictStr
 from ..errors import InvalidRequest
 from ..math import forward as fw
 from ..math.forward import LENS_TOP_K, Lens, Run
-from ..runtime.jlens import LoadedLens, unusable
+from ..runtime.jlens import LoadedLens, saved, unusable
+from ..runtime.loading import ModelLoadError
 from ..session import Explorer, Text, cache_key
 from . import precision
 from .base import OBJECTIVE_DOC, TextRequest, check_index, check_top_k, objective, operation, shape
@@ -116,20 +117,26 @@ class Reading:
 
 
 def loaded_lens(ex: Explorer, jlens: str | None, field: str = "jlens") -> LoadedLens:
-    """The loaded Jacobian lens named `jlens` (None: the first); 400 when the model cannot use one,
-    none is loaded or the name is not loaded."""
+    """The Jacobian lens named `jlens` (None: the first loaded): a loaded one, or one saved under the
+    lens directory for this model (loaded now, and kept); 400 when the model cannot use one, none
+    is loaded, or the name is neither loaded nor saved."""
     model = ex.model
     why = unusable(ex.bridge)
     if why is not None:
         raise InvalidRequest(f"model {model.name!r} cannot use a Jacobian lens: {why}")
+    if jlens is not None and jlens not in model.lenses:
+        try:
+            saved(model, ex.lens_dir, jlens)
+        except ModelLoadError as exc:
+            raise InvalidRequest(f"{field} {jlens!r}: {exc}") from None
     loaded = list(model.lenses)
     if not loaded:
         raise InvalidRequest(f"no Jacobian lens is loaded for model {model.name!r}: start the server with "
                              "--jlens SPEC (a lens file, a registry name, or auto), or fit one with POST /jobs/jlens_fit")
     name = loaded[0] if jlens is None else jlens
     if name not in model.lenses:
-        raise InvalidRequest(f"{field} {jlens!r} is not loaded for model {model.name!r}; loaded lenses: "
-                             f"{', '.join(map(repr, loaded))}")
+        raise InvalidRequest(f"{field} {jlens!r} is neither loaded nor saved for model {model.name!r}; loaded lenses: "
+                             f"{', '.join(map(repr, loaded))} (GET /model: lenses, lenses_available)")
     return model.lenses[name]
 
 

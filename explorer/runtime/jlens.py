@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -140,6 +140,71 @@ def load(spec: str, model: LoadedModel, name: str | None = None) -> LoadedLens |
     return LoadedLens(name or default, lens, source)
 
 
+def available(model: LoadedModel, directory: str) -> list[dict[str, Any]]:
+    """The lenses `model` can use, loaded or not, each with the `--jlens` spec that loads it: the
+    library registry's lens for the model's hub id (`cached`: in the Hugging Face cache, so it
+    loads offline), and the lenses saved under `directory` (fits) for a model of its name and
+    width, which a request can also name as `jlens` (`saved` loads them on first use)."""
+    loaded = [lens.source for lens in list(model.lenses.values())]
+    found: list[dict[str, Any]] = []
+    source = model.source or {}
+    entry = _registry(source["id"]) if source.get("kind") == "hub" else None
+    if entry is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename, revision = entry
+        cached = try_to_load_from_cache(repo, filename, revision=revision)
+        found.append({"kind": "hub", "spec": source["id"], "name": os.path.splitext(os.path.basename(filename))[0],
+                      "repo": repo, "filename": filename, "revision": revision,
+                      "cached": isinstance(cached, str) and os.path.exists(cached),
+                      "loaded": any(s.get("repo") == repo and s.get("filename") == filename for s in loaded)})
+    directory = os.path.expanduser(directory)
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    for file in names:
+        path = os.path.abspath(os.path.join(directory, file))
+        meta = _saved_metadata(path) if file.endswith(SUFFIX) else None
+        if meta is None or meta["model_name"] != model.cfg.model_name or meta["d_model"] != int(model.cfg.d_model):
+            continue
+        found.append({"kind": "file", "spec": path, "name": file[:-len(SUFFIX)], "corpus": meta["corpus"],
+                      "n_prompts": meta["n_prompts"], "cached": True,
+                      "loaded": any(s.get("path") == path for s in loaded)})
+    return found
+
+
+_metadata: dict[tuple[str, int, int], dict[str, Any] | None] = {}  # (path, mtime, size) -> what `available` reads
+
+
+def _saved_metadata(path: str) -> dict[str, Any] | None:
+    """A saved lens's model name, width, corpus and prompt count, read without its matrices (the
+    file is memory-mapped, not read); None for a file that is not a lens artifact."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _metadata:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            meta = payload.get("metadata") or {}
+            _metadata[key] = {"model_name": meta.get("model_name"), "d_model": int(payload["d_model"]),
+                              "corpus": meta.get("corpus"), "n_prompts": int(payload.get("n_prompts", 0))}
+        except Exception:  # not a lens (another .pt file in the directory)
+            _metadata[key] = None
+    return _metadata[key]
+
+
+def saved(model: LoadedModel, directory: str, name: str) -> LoadedLens | None:
+    """The lens saved as `directory/NAME.pt` for `model`, loaded and registered on the model (it
+    stays loaded), or None when no such lens was saved for it."""
+    if not NAME.match(name):
+        return None
+    path = os.path.abspath(os.path.join(os.path.expanduser(directory), name + SUFFIX))
+    if not any(a["kind"] == "file" and a["spec"] == path for a in available(model, directory)):
+        return None
+    lens = load(path, model, name)
+    return None if lens is None else model.lenses.setdefault(name, lens)
+
+
 def _hub_file(spec: str, model: str, repo: str, filename: str, revision: str) -> str:
     """The local path of a hub lens file, from the cache without the network when it is there
     (as models load), else downloaded; an unreachable hub fails fast with the paragraph."""
@@ -157,6 +222,36 @@ def _hub_file(spec: str, model: str, repo: str, filename: str, revision: str) ->
             raise lens_error(spec, model, f"it is not in the local Hugging Face cache, and {unreachable}")
     with offline:
         return hf_hub_download(repo_id=repo, filename=filename, revision=revision)
+
+
+DIM_BATCH = 8  # output dimensions per backward pass (the library's default; recorded in the artifact)
+
+
+def fit(bridge: Any, texts: list[str], *, corpus: str, source_layers: list[int] | None, max_seq_len: int,
+        pause: Callable[[], None]) -> Any:
+    """`JacobianLens.fit(bridge, texts, ...)` exactly (the same validation, drive loop, sums and
+    metadata), calling `pause()` before each of its backward passes. The library's fit is one call
+    of minutes on a CPU; `_fit_transport_matrices` is its drive loop, and its `backward_provider`
+    (the library's seam for the backward step, here its own `_ordinary_vjp`) is the one place a
+    fit can stop: one forward pass per text, then ceil(d_model / DIM_BATCH) backward passes."""
+    from transformer_lens.tools.analysis import JacobianLens
+    from transformer_lens.tools.analysis.jacobian_lens import (
+        DEFAULT_SKIP_FIRST_POSITIONS, ESTIMATOR_JACOBIAN, _build_fit_metadata, _fit_transport_matrices,
+        _ordinary_vjp, _prepare_fit)
+
+    def backward(*args: Any) -> tuple[torch.Tensor, ...]:
+        pause()
+        return _ordinary_vjp(*args)
+
+    options = _prepare_fit(bridge, operation=JacobianLens.__name__, estimator=ESTIMATOR_JACOBIAN, corpus=corpus,
+                           source_layers=source_layers, dim_batch=DIM_BATCH, max_seq_len=max_seq_len,
+                           skip_first_positions=DEFAULT_SKIP_FIRST_POSITIONS, metadata=None)
+    matrices, n_done = _fit_transport_matrices(
+        bridge, texts, source_layers=list(options.source_layers), dim_batch=options.dim_batch,
+        max_seq_len=options.max_seq_len, skip_first_positions=options.skip_first_positions,
+        show_progress=False, backward_provider=backward)
+    return JacobianLens(matrices, n_prompts=n_done, d_model=options.d_model, metadata=_build_fit_metadata(
+        bridge, options, estimator=ESTIMATOR_JACOBIAN, n_prompts=n_done, metadata=None))
 
 
 def split_spec(spec: str, names: list[str]) -> tuple[str, str]:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Any, Callable, Generator, Iterator
+from typing import Any, Callable, Generator, Iterator, TypeVar
 
 from ..errors import Cancelled, InvalidRequest, Overloaded
 from .engine import ModelWorker
@@ -34,6 +34,7 @@ JOB_TTL_SECONDS = 600  # a finished job's result stays readable this long
 POLL_SECONDS = 0.25  # how often a synchronous run looks at its client between chunks
 
 Steps = Generator[Any, None, Any]
+T = TypeVar("T")
 
 # What the chunk running on this thread asks to know whether its work was cancelled meanwhile (None:
 # the work is not cancellable, e.g. an interactive request's pass). See `stop_if_cancelled`.
@@ -160,6 +161,65 @@ def run_sync(kind: str, steps: Steps, worker: ModelWorker, gone: Callable[[], bo
         except TimeoutError:
             if gone():
                 job.cancel()
+
+
+class _Abort(BaseException):
+    """Raised inside a function run `in_turns` when its steps were closed (not an `Exception`, so
+    the function's own error handling does not swallow it)."""
+
+
+def in_turns(fn: Callable[[Callable[[], None]], T]) -> Generator[None, None, T]:
+    """Steps that run a blocking function in chunks: `fn(pause)` runs on a thread of its own, in
+    strict turns with the caller. Each `next()` lets it run until it calls `pause()` (the chunk
+    ends: `next()` returns) or returns (its value is the steps' result); the caller's thread waits
+    meanwhile, so the two never use the model at once. For a library loop that only offers a
+    callback (a fit's backward passes), this makes each iteration one chunk of worker time.
+
+    Closing the steps (a cancelled job) makes the paused `pause()` raise, and waits until `fn` has
+    unwound (its `finally` blocks and context managers ran); `fn`'s own exceptions are raised by
+    `next()`. The thread starts on the first `next()`, so steps never started leave nothing behind.
+    """
+    go, back = threading.Semaphore(0), threading.Semaphore(0)
+    abort = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def pause() -> None:
+        back.release()
+        go.acquire()
+        if abort.is_set():
+            raise _Abort()
+
+    def run() -> None:
+        go.acquire()
+        try:
+            if not abort.is_set():
+                outcome["value"] = fn(pause)
+        except _Abort:
+            pass
+        except BaseException as exc:  # raised again by the caller's next()
+            outcome["error"] = exc
+        finally:
+            outcome["ended"] = True
+            back.release()
+
+    thread = threading.Thread(target=run, name="turns", daemon=True)
+    thread.start()
+    try:
+        while True:
+            go.release()
+            back.acquire()
+            if "ended" in outcome:
+                break
+            yield
+    finally:
+        if "ended" not in outcome:  # closed while `fn` is paused: unwind it
+            abort.set()
+            go.release()
+            back.acquire()
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def stamped(steps: Steps, stamp: Callable[[], dict[str, Any]]) -> Steps:

@@ -20,6 +20,7 @@ from ..math.lens import batches
 from ..math.replay import Budget, position_flops
 from ..runtime.engine import (CPU_FLOPS, DEFAULT_CACHE_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_WORK_BYTES, GPU_FLOPS,
                               ByteLRU, CacheBudget, ModelWorker, Throughput, result_within)
+from ..runtime import jlens
 from ..runtime.jlens import DEFAULT_DIR as DEFAULT_LENS_DIR
 from ..runtime.loading import LoadedModel, ModelLoadError
 from ..runtime.saes import SAE
@@ -235,8 +236,9 @@ class Explorer:
             sae, model=self.model.name, params={n: t.to(self.cfg.device) for n, t in sae.params.items()})
 
     def info(self) -> dict[str, Any]:
-        """`GET /model`: the model's description and the SAEs it serves."""
-        return {**self.model.info(), "saes": [sae.info() for sae in self.saes.values()]}
+        """`GET /model`: the model's description, the Jacobian lenses it can load and the SAEs it serves."""
+        return {**self.model.info(), "lenses_available": jlens.available(self.model, self.lens_dir),
+                "saes": [sae.info() for sae in self.saes.values()]}
 
     def describe(self) -> dict[str, Any]:
         """The model part of an answer's provenance: the model's, with the SAEs it serves and their

@@ -4,7 +4,7 @@ the models of the GET endpoints and errors.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
@@ -54,6 +54,20 @@ class Provenance(StaticProvenance):
     time: str = Field(description="When the answer was made: ISO 8601, UTC.")
 
 
+class AvailableLens(BaseModel):
+    kind: Literal["hub", "file"] = Field(description=(
+        '"hub": the lens registry\'s published lens for the model; "file": a lens saved under the lens directory.'))
+    spec: str = Field(description="What --jlens takes to load it at start-up.")
+    name: str = Field(description='Its name once loaded ("file": the name jlens takes).')
+    cached: bool = Field(description='Whether it loads without the network ("hub": in the Hugging Face cache).')
+    loaded: bool = Field(description="Whether it is loaded now (listed in lenses).")
+    repo: Optional[str] = None
+    filename: Optional[str] = None
+    revision: Optional[str] = None
+    corpus: Optional[str] = None
+    n_prompts: Optional[int] = None
+
+
 class ModelInfo(BaseModel):
     name: str
     family: str = Field(description=(
@@ -78,6 +92,9 @@ class ModelInfo(BaseModel):
     lenses: list[LensArtifact] = Field(description=(
         'The Jacobian lenses loaded for the model (--jlens, POST /jobs/jlens_fit), in order: /lens and '
         '/predict read through one with "lens": "jacobian" ("jlens": its name; default the first).'))
+    lenses_available: list[AvailableLens] = Field(description=(
+        "The Jacobian lenses this model can use, loaded or not: the lens registry's for its hub id, and the "
+        "lenses saved under the lens directory (--jlens-dir) for it, which jlens can name directly."))
     provenance: StaticProvenance = Field(description=(
         "The part of every answer's provenance that this model fixes: its source and the software."))
     saes: list[SaeInfo] = Field(description="The sparse autoencoders served on this model (--sae).")
