@@ -50,7 +50,7 @@ def test_models_model_and_health(two, tiny_model, other_model):
     assert client.get("/model?model=b").get_json() == listed["models"][1]
     info = other_model.info()
     info["provenance"]["model"]["name"] = info["name"] = "b"
-    assert listed["models"][1] == {**info, "saes": []}
+    assert listed["models"][1] == {**info, "lenses_available": [], "saes": []}
     client.post("/predict", json={"text": TEXT, "token_index": 2, "model": "b"})
     health = client.get("/health").get_json()
     assert health["model"] == "a" and set(health["models"]) == {"a", "b"}
