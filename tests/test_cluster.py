@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -32,6 +33,9 @@ from tests.helpers import CLEAN, CORRUPT, TARGET, TEXT, ok  # noqa: E402
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 LONG_JOB = {"texts": [CLEAN], "targets": [" Mary"], "steps": 1000}  # ~3000 Adam steps: runs for seconds
+# A causal trace of the tiny model's longest text: 40 noisy samples run for about 20 s of one core in
+# chunks, estimated under the 60 s a synchronous request may take once a small trace measured the speed.
+TRACE = {"text": "Alice " + " ".join(f"w{i}" for i in range(30)), "subject": "Alice", "kind": "mlp"}
 ENDED = ("done", "error", "cancelled")
 
 
@@ -395,6 +399,40 @@ def test_a_killed_replica_loses_no_other_request_and_its_job_ends(cluster):
     while (victim in cluster.replicas() or len(cluster.replicas()) < 2) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert len(cluster.replicas()) == 2 and victim not in cluster.replicas()  # Serve replaced it
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid`, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_rate(pid: int, seconds: float) -> float:
+    """Cores `pid` kept busy over the next `seconds`."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / seconds
+
+
+def test_a_sync_request_stops_when_its_client_disconnects(cluster):
+    status, _, replica = call(cluster.url, "/causal_trace", {**TRACE, "samples": 2})  # measures the speed
+    assert status == 200
+    pid = cluster.replicas()[replica]
+    data = json.dumps({**TRACE, "samples": 40}).encode()
+    host, port = cluster.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /causal_trace HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    time.sleep(1.0)
+    working = cpu_rate(pid, 2.0)  # the trace runs on the replica that owns its text
+    sock.close()
+    time.sleep(1.5)  # Serve cancels the call; the trace stops after the chunk it runs (about 0.5 s)
+    after = cpu_rate(pid, 3.0)
+    print(f"replica CPU: {working:.2f} cores during the trace, {after:.2f} after its client left")  # pytest -s
+    assert working > 0.2, working  # the trace was running (on a loaded machine it gets less than a core)
+    assert after < working / 4, (working, after)  # the rest of its ~20 s never ran
+    status, _, again = call(cluster.url, "/causal_trace", {**TRACE, "samples": 2})
+    assert status == 200 and again == replica
 
 
 def test_nothing_is_left_running(cluster):

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import redis
 import torch
@@ -80,10 +81,19 @@ class ModelServer:
         self.probe = Probe(explorer.worker, stuck_seconds)
 
     async def answer(self, req: Request) -> tuple[int, list[tuple[str, str]], bytes]:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self._answer, req)
+        """The app's answer to `req`. Serve cancels this call when the HTTP client disconnects (the
+        proxy cancels the ingress's request, and Serve the ingress's calls to this deployment); the
+        app's thread cannot be cancelled, so it is told, and its long work stops before its next
+        chunk (a 499 nobody reads)."""
+        left = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self._answer, req, left.is_set)
+        except asyncio.CancelledError:
+            left.set()
+            raise
 
-    def _answer(self, req: Request) -> tuple[int, list[tuple[str, str]], bytes]:
-        status, headers, body = call_wsgi(self.app, req)
+    def _answer(self, req: Request, gone: Callable[[], bool]) -> tuple[int, list[tuple[str, str]], bytes]:
+        status, headers, body = call_wsgi(self.app, req, gone)
         try:
             data = b"".join(body)
         finally:
