@@ -407,32 +407,85 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_rate(pid: int, seconds: float) -> float:
-    """Cores `pid` kept busy over the next `seconds`."""
-    before = cpu_seconds(pid)
+def cpu_rate(pids: list[int], seconds: float) -> float:
+    """Cores the processes `pids` kept busy over the next `seconds`."""
+    before = sum(map(cpu_seconds, pids))
     time.sleep(seconds)
-    return (cpu_seconds(pid) - before) / seconds
+    return (sum(map(cpu_seconds, pids)) - before) / seconds
 
 
 def test_a_sync_request_stops_when_its_client_disconnects(cluster):
-    status, _, replica = call(cluster.url, "/causal_trace", {**TRACE, "samples": 2})  # measures the speed
-    assert status == 200
-    pid = cluster.replicas()[replica]
+    assert call(cluster.url, "/causal_trace", {**TRACE, "samples": 2})[0] == 200  # measures the speed
+    pids = list(cluster.replicas().values())  # both: a replica that just replaced a killed one may take the text
     data = json.dumps({**TRACE, "samples": 40}).encode()
     host, port = cluster.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"POST /causal_trace HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     time.sleep(1.0)
-    working = cpu_rate(pid, 2.0)  # the trace runs on the replica that owns its text
+    working = cpu_rate(pids, 2.0)
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):  # no answer yet: the trace was admitted and runs
+        print(sock.recv(300))
     sock.close()
     time.sleep(1.5)  # Serve cancels the call; the trace stops after the chunk it runs (about 0.5 s)
-    after = cpu_rate(pid, 3.0)
-    print(f"replica CPU: {working:.2f} cores during the trace, {after:.2f} after its client left")  # pytest -s
+    after = cpu_rate(pids, 3.0)
+    print(f"replicas' CPU: {working:.2f} cores during the trace, {after:.2f} after its client left")  # pytest -s
     assert working > 0.2, working  # the trace was running (on a loaded machine it gets less than a core)
     assert after < working / 4, (working, after)  # the rest of its ~20 s never ran
-    status, _, again = call(cluster.url, "/causal_trace", {**TRACE, "samples": 2})
-    assert status == 200 and again == replica
+    assert call(cluster.url, "/causal_trace", {**TRACE, "samples": 2})[0] == 200
+
+
+def test_serve_replaces_a_replica_whose_worker_is_stuck(cluster, tiny_dir, monkeypatch):
+    """One replica of the production deployment (its health check period and timeout, the probe),
+    beside the application, whose worker the test holds in one call: its check fails once the probe
+    waited `--stuck-seconds`, Serve marks it unhealthy after 3 failures in a row and replaces it."""
+    from ray import serve
+    from ray.exceptions import RayError
+
+    from explorer.cluster import serve as cluster_serve
+    from explorer.cluster.cli import options, parse_args
+    from explorer.cluster.forward import REPLICA_HEADER, Request
+    from tests.stuck_replica import StuckableServer
+
+    stuck_seconds = 3.0
+    monkeypatch.setattr(cluster_serve, "ModelServer", StuckableServer)  # what application() deploys
+    args = parse_args(["--model", str(tiny_dir), "--num-cpus", "0", "--torch-threads", "1",
+                       "--stuck-seconds", str(stuck_seconds), "--redis", cluster.redis.url])
+    deployment = cluster_serve.application(options(args), cluster.redis.url)._bound_deployment.init_args[0][str(tiny_dir)]
+    handle = serve.run(deployment, name="stuck", route_prefix=None)  # called by handle only
+    name = cluster_serve.deployment_name(str(tiny_dir))
+
+    def replica() -> str | None:
+        try:
+            _, headers, _ = handle.answer.remote(Request("GET", "/health", "", [], b"")).result(timeout_s=10)
+        except (RayError, TimeoutError):  # the replica being replaced
+            return None
+        return dict(headers)[REPLICA_HEADER]
+
+    first = replica()
+    assert first in cluster.replicas()
+    handle.stick.remote(600).result(timeout_s=30)
+    stuck = time.monotonic()
+    unhealthy = replaced = None
+    while replaced is None and time.monotonic() - stuck < 150:
+        status = serve.status().applications["stuck"].deployments[name].status
+        if unhealthy is None and status != "HEALTHY":
+            unhealthy = time.monotonic() - stuck
+        now = replica()
+        if now not in (None, first):
+            replaced = time.monotonic() - stuck
+        time.sleep(0.5)
+    while first in cluster.replicas() and time.monotonic() - stuck < 150:
+        time.sleep(0.5)
+    gone = time.monotonic() - stuck
+    print(f"stuck replica: unhealthy after {unhealthy} s, a new one answered after {replaced} s, "
+          f"the old one's heartbeat gone after {gone:.1f} s")  # pytest -s
+    period = cluster_serve.HEALTH_CHECK_SECONDS * 1.1  # Serve jitters the period by +-10%
+    # Probe queued at the first check after the stall, late at the first check S later, then two more.
+    assert unhealthy is not None and unhealthy < stuck_seconds + 4 * period + 2, unhealthy
+    assert replaced is not None and first not in cluster.replicas()
+    serve.delete("stuck")
 
 
 def test_nothing_is_left_running(cluster):

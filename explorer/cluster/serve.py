@@ -40,7 +40,15 @@ class Probe:
     """Whether a model worker still takes work (a replica's health check): a no-op queued behind the
     requests waiting must have run within `stuck_seconds` (the wait after which a request is answered
     503, `engine.DEFAULT_WAIT_SECONDS`). A worker stuck in one call never runs it: unhealthy, and Ray
-    Serve replaces the replica."""
+    Serve replaces the replica. A chunked long request is not stuck: the probe runs between chunks.
+
+    The bound (Ray 2.60): Serve checks every HEALTH_CHECK_SECONDS (jittered +-10%); the probe is
+    queued at the first check after the worker stalled, the first check more than `stuck_seconds`
+    later fails, and Serve marks the replica unhealthy after 3 failures in a row
+    (`REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD`): within `stuck_seconds` + 4 periods (+22 s) of the
+    stall. It then starts a replacement (a replica's start-up) and gives the old one
+    `graceful_shutdown_timeout_s` (20 s) before killing it. Measured in tests/test_cluster.py with
+    `stuck_seconds` 3 and the tiny model: unhealthy after 20.0 s, the new replica answered after 42.1 s."""
 
     def __init__(self, worker: ModelWorker, stuck_seconds: float = DEFAULT_WAIT_SECONDS) -> None:
         self.worker = worker
