@@ -1,7 +1,8 @@
 """The Ray Serve cluster (explorer/cluster): routing keys, the health probe and the Redis job store
 without Ray, then a local Ray with two replicas of the tiny model behind the ingress: cache
-affinity, spread, jobs across replicas, a replica killed with SIGKILL (with a job on it), and
-nothing left running afterwards. Needs requirements-cluster.txt and Debian's redis-server."""
+affinity, spread, jobs across replicas, a replica killed with SIGKILL (with a job on it), a client
+that disconnects, and beside it a replica with a stuck worker (replaced) and an autoscaled
+deployment (a second replica under load); nothing left running afterwards. Needs requirements-cluster.txt and Debian's redis-server."""
 from __future__ import annotations
 
 import json
@@ -458,7 +459,7 @@ def test_serve_replaces_a_replica_whose_worker_is_stuck(cluster, tiny_dir, monke
 
     def replica() -> str | None:
         try:
-            _, headers, _ = handle.answer.remote(Request("GET", "/health", "", [], b"")).result(timeout_s=10)
+            _, headers, _ = handle.answer.remote(Request("GET", "/health", "", [], b"")).result(timeout_s=2)
         except (RayError, TimeoutError):  # the replica being replaced
             return None
         return dict(headers)[REPLICA_HEADER]
@@ -469,8 +470,8 @@ def test_serve_replaces_a_replica_whose_worker_is_stuck(cluster, tiny_dir, monke
     stuck = time.monotonic()
     unhealthy = replaced = None
     while replaced is None and time.monotonic() - stuck < 150:
-        status = serve.status().applications["stuck"].deployments[name].status
-        if unhealthy is None and status != "HEALTHY":
+        states = serve.status().applications["stuck"].deployments[name].replica_states
+        if unhealthy is None and states.get("RUNNING", 0) == 0:  # Serve stopped it (and starts another)
             unhealthy = time.monotonic() - stuck
         now = replica()
         if now not in (None, first):
@@ -482,10 +483,54 @@ def test_serve_replaces_a_replica_whose_worker_is_stuck(cluster, tiny_dir, monke
     print(f"stuck replica: unhealthy after {unhealthy} s, a new one answered after {replaced} s, "
           f"the old one's heartbeat gone after {gone:.1f} s")  # pytest -s
     period = cluster_serve.HEALTH_CHECK_SECONDS * 1.1  # Serve jitters the period by +-10%
-    # Probe queued at the first check after the stall, late at the first check S later, then two more.
-    assert unhealthy is not None and unhealthy < stuck_seconds + 4 * period + 2, unhealthy
+    # Probe queued at the first check after the stall, late at the first check S later, then two more;
+    # plus one round of this loop (a call to a stopping replica times out after 2 s).
+    assert unhealthy is not None and unhealthy < stuck_seconds + 4 * period + 3, unhealthy
     assert replaced is not None and first not in cluster.replicas()
     serve.delete("stuck")
+
+
+def test_requests_above_the_target_add_a_replica(cluster, tiny_dir):
+    """The production deployment with --max-replicas 2 (its target: half the model queue), only
+    Serve's delays shortened: four long requests at once on one replica bring up a second."""
+    from ray import serve
+
+    from explorer.cluster import serve as cluster_serve
+    from explorer.cluster.cli import options, parse_args
+    from explorer.cluster.forward import Request
+
+    args = parse_args(["--model", str(tiny_dir), "--num-cpus", "0", "--torch-threads", "1", "--queue-size", "4",
+                       "--min-replicas", "1", "--max-replicas", "2", "--redis", cluster.redis.url])
+    deployment = cluster_serve.application(options(args), cluster.redis.url)._bound_deployment.init_args[0][
+        str(tiny_dir)]._bound_deployment
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 2, 2)
+    quick = deployment.options(autoscaling_config={
+        "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 2,
+        "upscale_delay_s": 1.0, "look_back_period_s": 11.0})  # Serve's defaults: 30 s each (the look-back
+    # must exceed the 10 s between a replica's load reports)
+    handle = serve.run(quick.bind(*deployment.init_args), name="scaled", route_prefix=None)
+    name = cluster_serve.deployment_name(str(tiny_dir))
+
+    def running() -> int:
+        return serve.status().applications["scaled"].deployments[name].replica_states.get("RUNNING", 0)
+
+    def trace(samples: int, key: str):
+        body = json.dumps({**TRACE, "samples": samples}).encode()
+        return handle.options(session_id=key).answer.remote(
+            Request("POST", "/causal_trace", "", [("content-type", "application/json")], body))
+
+    assert trace(2, "warm").result(timeout_s=60)[0] == 200  # measures the speed
+    assert running() == 1
+    loaded = time.monotonic()
+    traces = [trace(40, f"text {i}") for i in range(4)]  # ~20 s each, one after another on one worker
+    while running() < 2 and time.monotonic() - loaded < 100:
+        time.sleep(0.5)
+    print(f"a second replica ran {time.monotonic() - loaded:.1f} s after 4 requests against a target of 2")
+    assert running() == 2
+    for t in traces:  # the client leaves: the traces stop at their next chunk
+        t.cancel()
+    serve.delete("scaled")
 
 
 def test_nothing_is_left_running(cluster):
