@@ -1,13 +1,16 @@
 """The Ray Serve cluster against the plain server, on GPT-2 small's shape (random weights).
 
-    python -m bench.cluster_bench [--markdown bench/RESULTS-cluster.md]
+    python -m bench.cluster_bench [--markdown bench/RESULTS-cluster.md] [--serve-env NAME=VALUE ...]
 
 One run, in this order so no two servers share the cores: the plain server (`python app.py`, all
 cores), then a local Ray with the application at one replica (all cores) and at two replicas
 (half the cores each, `--torch-threads`). Each measures warm latency (one cached text, one client,
 keep-alive: what a click costs) and new-text throughput (distinct texts from 4 clients: every
 request a forward pass). Start-up: the plain server from spawn to its first answer; the cluster's
-`ray.init` and each `serve.run` until ready. Installed size: the distributions that
+`ray.init` and each `serve.run` until ready. Serve's floor: the same client's warm latency to
+trivial deployments, through the proxy alone and through the proxy, an ingress and a handle call
+(the cluster's path). `--serve-env` measures Ray Serve's settings (ray/serve/_private/constants.py).
+Installed size: the distributions that
 requirements-cluster.txt adds beyond requirements.txt and requirements-dev.txt, in this interpreter.
 Needs requirements-cluster.txt and redis-server.
 """
@@ -24,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from packaging.requirements import Requirement
 
@@ -81,6 +85,51 @@ def throughput(port: int, batch: list[str]) -> float:
     return len(batch) / (time.perf_counter() - started)
 
 
+class Ok:
+    """A Serve deployment that answers b"ok" over HTTP or to a handle: the floor under the cluster."""
+
+    async def __call__(self, _: Any) -> Any:
+        from starlette.responses import Response
+        return Response(b"ok")
+
+    async def answer(self) -> bytes:
+        return b"ok"
+
+
+class Relay:
+    """A trivial ingress: one handle call to `Ok` per request, keyed as the cluster's ingress calls a replica."""
+
+    def __init__(self, ok: Any) -> None:
+        self.ok = ok.options(session_id="one text")
+
+    async def __call__(self, _: Any) -> Any:
+        from starlette.responses import Response
+        return Response(await self.ok.answer.remote())
+
+
+def floor(port: int) -> dict[str, float]:
+    """p50 wall ms of a GET through Serve's proxy to a trivial deployment, and through a trivial
+    ingress to a trivial deployment (the cluster's two hops, its router), measured with the same client."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from explorer.cluster.serve import CONSISTENT_HASH
+
+    ok = serve.deployment(Ok).options(ray_actor_options={"num_cpus": 0},
+                                      request_router_config=RequestRouterConfig(request_router_class=CONSISTENT_HASH))
+    serve.run(ok.bind(), name="floor-1", route_prefix="/one")
+    serve.run(serve.deployment(Relay).options(ray_actor_options={"num_cpus": 0}).bind(ok.bind()),
+              name="floor-2", route_prefix="/two")
+    result = {}
+    for path in ("/one", "/two"):
+        client = Client(port)
+        walls = [client.call(path)[3] for _ in range(20 + WARM_REQUESTS)][20:]
+        result[path] = statistics.median(walls)
+    serve.delete("floor-1")
+    serve.delete("floor-2")
+    return result
+
+
 def plain_server() -> dict[str, float]:
     port = free_port()
     started = time.perf_counter()
@@ -97,16 +146,19 @@ def plain_server() -> dict[str, float]:
         proc.wait(30)
 
 
-def cluster(redis_url: str) -> dict[int, dict[str, float]]:
+def cluster(redis_url: str, env: dict[str, str]) -> dict[int | str, dict[str, float]]:
     import ray
     from ray import serve
 
     from explorer.cluster.cli import APP_NAME, parse_args, start
 
     started = time.perf_counter()
-    ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False)
-    results = {0: {"start": time.perf_counter() - started}}
+    ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    results: dict[int | str, dict[str, float]] = {0: {"start": time.perf_counter() - started}}
     try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        results["floor"] = floor(port)
         for replicas in (1, 2):
             port = free_port()
             threads = max(1, CORES // replicas)
@@ -162,20 +214,26 @@ def installed_mb() -> tuple[float, int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a Ray Serve setting for every Ray process (ray.init's runtime_env), e.g. "
+                        "RAY_SERVE_USE_GRPC_BY_DEFAULT=1; repeatable")
     args = p.parse_args()
+    env = dict(item.split("=", 1) for item in args.serve_env)
     from explorer.cluster.jobs import LocalRedis
 
     size, count = installed_mb()
     plain = plain_server()
     redis = LocalRedis()
     try:
-        ray_results = cluster(redis.url)
+        ray_results = cluster(redis.url, env)
     finally:
         redis.stop()
-    one, two = ray_results[1], ray_results[2]
+    one, two, low = ray_results[1], ray_results[2], ray_results["floor"]
+    settings = " ".join(f"`{k}={v}`" for k, v in env.items()) or "none"
     lines = [
         f"Ray Serve cluster vs plain server, GPT-2 small (random weights), CPU ({platform.machine()}, "
-        f"{CORES} cores), one run of `python -m bench.cluster_bench`.",
+        f"{CORES} cores), one run of `python -m bench.cluster_bench`; Serve settings: {settings}; "
+        f"load average {os.getloadavg()[0]:.1f} at the end (`uptime`).",
         "",
         "| setup | start-up s | warm p50 ms | warm p99 ms | app ms (p50) | new texts/s, 4 clients |",
         "|---|---|---|---|---|---|",
@@ -189,6 +247,9 @@ def main() -> int:
         "",
         f"Added by Serve at p50 (1 replica - plain): {one['p50'] - plain['p50']:+.2f} ms "
         f"(goal: at most +2 ms); at p99: {one['p99'] - plain['p99']:+.2f} ms.",
+        f"Serve's floor, same client, trivial deployments answering b\"ok\": p50 {low['/one']:.2f} ms through the "
+        f"proxy to one deployment, {low['/two']:.2f} ms through the proxy, an ingress and a handle call (the "
+        f"cluster's path; its router).",
         f"New-text throughput, 2 replicas / 1 replica: {two['texts_per_s'] / one['texts_per_s']:.2f}x; "
         f"1 replica / plain server: {one['texts_per_s'] / plain['texts_per_s']:.2f}x.",
         f"Installed beyond requirements.txt + requirements-dev.txt: {count} distributions, {size:.0f} MB.",

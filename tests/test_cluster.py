@@ -1,12 +1,14 @@
 """The Ray Serve cluster (explorer/cluster): routing keys, the health probe and the Redis job store
 without Ray, then a local Ray with two replicas of the tiny model behind the ingress: cache
-affinity, spread, jobs across replicas, a replica killed with SIGKILL (with a job on it), and
-nothing left running afterwards. Needs requirements-cluster.txt and Debian's redis-server."""
+affinity, spread, jobs across replicas, a replica killed with SIGKILL (with a job on it), a client
+that disconnects, and beside it a replica with a stuck worker (replaced) and an autoscaled
+deployment (a second replica under load); nothing left running afterwards. Needs requirements-cluster.txt and Debian's redis-server."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -32,6 +34,9 @@ from tests.helpers import CLEAN, CORRUPT, TARGET, TEXT, ok  # noqa: E402
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 LONG_JOB = {"texts": [CLEAN], "targets": [" Mary"], "steps": 1000}  # ~3000 Adam steps: runs for seconds
+# A causal trace of the tiny model's longest text: 40 noisy samples run for about 20 s of one core in
+# chunks, estimated under the 60 s a synchronous request may take once a small trace measured the speed.
+TRACE = {"text": "Alice " + " ".join(f"w{i}" for i in range(30)), "subject": "Alice", "kind": "mlp"}
 ENDED = ("done", "error", "cancelled")
 
 
@@ -395,6 +400,137 @@ def test_a_killed_replica_loses_no_other_request_and_its_job_ends(cluster):
     while (victim in cluster.replicas() or len(cluster.replicas()) < 2) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert len(cluster.replicas()) == 2 and victim not in cluster.replicas()  # Serve replaced it
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid`, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_rate(pids: list[int], seconds: float) -> float:
+    """Cores the processes `pids` kept busy over the next `seconds`."""
+    before = sum(map(cpu_seconds, pids))
+    time.sleep(seconds)
+    return (sum(map(cpu_seconds, pids)) - before) / seconds
+
+
+def test_a_sync_request_stops_when_its_client_disconnects(cluster):
+    assert call(cluster.url, "/causal_trace", {**TRACE, "samples": 2})[0] == 200  # measures the speed
+    pids = list(cluster.replicas().values())  # both: a replica that just replaced a killed one may take the text
+    data = json.dumps({**TRACE, "samples": 40}).encode()
+    host, port = cluster.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /causal_trace HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    time.sleep(1.0)
+    working = cpu_rate(pids, 2.0)
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):  # no answer yet: the trace was admitted and runs
+        print(sock.recv(300))
+    sock.close()
+    time.sleep(1.5)  # Serve cancels the call; the trace stops after the chunk it runs (about 0.5 s)
+    after = cpu_rate(pids, 3.0)
+    print(f"replicas' CPU: {working:.2f} cores during the trace, {after:.2f} after its client left")  # pytest -s
+    assert working > 0.2, working  # the trace was running (on a loaded machine it gets less than a core)
+    assert after < working / 4, (working, after)  # the rest of its ~20 s never ran
+    assert call(cluster.url, "/causal_trace", {**TRACE, "samples": 2})[0] == 200
+
+
+def test_serve_replaces_a_replica_whose_worker_is_stuck(cluster, tiny_dir, monkeypatch):
+    """One replica of the production deployment (its health check period and timeout, the probe),
+    beside the application, whose worker the test holds in one call: its check fails once the probe
+    waited `--stuck-seconds`, Serve marks it unhealthy after 3 failures in a row and replaces it."""
+    from ray import serve
+    from ray.exceptions import RayError
+
+    from explorer.cluster import serve as cluster_serve
+    from explorer.cluster.cli import options, parse_args
+    from explorer.cluster.forward import REPLICA_HEADER, Request
+    from tests.stuck_replica import StuckableServer
+
+    stuck_seconds = 3.0
+    monkeypatch.setattr(cluster_serve, "ModelServer", StuckableServer)  # what application() deploys
+    args = parse_args(["--model", str(tiny_dir), "--num-cpus", "0", "--torch-threads", "1",
+                       "--stuck-seconds", str(stuck_seconds), "--redis", cluster.redis.url])
+    deployment = cluster_serve.application(options(args), cluster.redis.url)._bound_deployment.init_args[0][str(tiny_dir)]
+    handle = serve.run(deployment, name="stuck", route_prefix=None)  # called by handle only
+    name = cluster_serve.deployment_name(str(tiny_dir))
+
+    def replica() -> str | None:
+        try:
+            _, headers, _ = handle.answer.remote(Request("GET", "/health", "", [], b"")).result(timeout_s=2)
+        except (RayError, TimeoutError):  # the replica being replaced
+            return None
+        return dict(headers)[REPLICA_HEADER]
+
+    first = replica()
+    assert first in cluster.replicas()
+    handle.stick.remote(600).result(timeout_s=30)
+    stuck = time.monotonic()
+    unhealthy = replaced = None
+    while replaced is None and time.monotonic() - stuck < 150:
+        states = serve.status().applications["stuck"].deployments[name].replica_states
+        if unhealthy is None and states.get("RUNNING", 0) == 0:  # Serve stopped it (and starts another)
+            unhealthy = time.monotonic() - stuck
+        now = replica()
+        if now not in (None, first):
+            replaced = time.monotonic() - stuck
+        time.sleep(0.5)
+    while first in cluster.replicas() and time.monotonic() - stuck < 150:
+        time.sleep(0.5)
+    gone = time.monotonic() - stuck
+    print(f"stuck replica: unhealthy after {unhealthy} s, a new one answered after {replaced} s, "
+          f"the old one's heartbeat gone after {gone:.1f} s")  # pytest -s
+    period = cluster_serve.HEALTH_CHECK_SECONDS * 1.1  # Serve jitters the period by +-10%
+    # Probe queued at the first check after the stall, late at the first check S later, then two more;
+    # plus one round of this loop (a call to a stopping replica times out after 2 s).
+    assert unhealthy is not None and unhealthy < stuck_seconds + 4 * period + 3, unhealthy
+    assert replaced is not None and first not in cluster.replicas()
+    serve.delete("stuck")
+
+
+def test_requests_above_the_target_add_a_replica(cluster, tiny_dir):
+    """The production deployment with --max-replicas 2 (its target: half the model queue), only
+    Serve's delays shortened: four long requests at once on one replica bring up a second."""
+    from ray import serve
+
+    from explorer.cluster import serve as cluster_serve
+    from explorer.cluster.cli import options, parse_args
+    from explorer.cluster.forward import Request
+
+    args = parse_args(["--model", str(tiny_dir), "--num-cpus", "0", "--torch-threads", "1", "--queue-size", "4",
+                       "--min-replicas", "1", "--max-replicas", "2", "--redis", cluster.redis.url])
+    deployment = cluster_serve.application(options(args), cluster.redis.url)._bound_deployment.init_args[0][
+        str(tiny_dir)]._bound_deployment
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 2, 2)
+    quick = deployment.options(autoscaling_config={
+        "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 2,
+        "upscale_delay_s": 1.0, "look_back_period_s": 11.0})  # Serve's defaults: 30 s each (the look-back
+    # must exceed the 10 s between a replica's load reports)
+    handle = serve.run(quick.bind(*deployment.init_args), name="scaled", route_prefix=None)
+    name = cluster_serve.deployment_name(str(tiny_dir))
+
+    def running() -> int:
+        return serve.status().applications["scaled"].deployments[name].replica_states.get("RUNNING", 0)
+
+    def trace(samples: int, key: str):
+        body = json.dumps({**TRACE, "samples": samples}).encode()
+        return handle.options(session_id=key).answer.remote(
+            Request("POST", "/causal_trace", "", [("content-type", "application/json")], body))
+
+    assert trace(2, "warm").result(timeout_s=60)[0] == 200  # measures the speed
+    assert running() == 1
+    loaded = time.monotonic()
+    traces = [trace(40, f"text {i}") for i in range(4)]  # ~20 s each, one after another on one worker
+    while running() < 2 and time.monotonic() - loaded < 100:
+        time.sleep(0.5)
+    print(f"a second replica ran {time.monotonic() - loaded:.1f} s after 4 requests against a target of 2")
+    assert running() == 2
+    for t in traces:  # the client leaves: the traces stop at their next chunk
+        t.cancel()
+    serve.delete("scaled")
 
 
 def test_nothing_is_left_running(cluster):

@@ -4,7 +4,7 @@ inside a replica."""
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple, Sequence
 
 import orjson
 from werkzeug.test import EnvironBuilder, run_wsgi_app
@@ -69,9 +69,14 @@ def unknown_model(name: object, models: Sequence[str]) -> str:
     return f"model {name!r} is not loaded; loaded models: {', '.join(map(repr, models))}"
 
 
-def call_wsgi(app: "Flask", req: Request) -> tuple[int, list[tuple[str, str]], Iterable[bytes]]:
-    """Run `app` on `req` in this thread: (status, headers, body iterable; close it when done)."""
+def call_wsgi(app: "Flask", req: Request, gone: Callable[[], bool] | None = None
+              ) -> tuple[int, list[tuple[str, str]], Iterable[bytes]]:
+    """Run `app` on `req` in this thread: (status, headers, body iterable; close it when done).
+    `gone()` says whether the client left; the app reads it where it reads waitress's, so a
+    synchronous long request stops before its next chunk, as in the single server."""
     environ = EnvironBuilder(path=req.path, method=req.method, query_string=req.query,
                              headers=req.headers, data=req.body).get_environ()
+    if gone is not None:
+        environ["waitress.client_disconnected"] = gone
     body, status, headers = run_wsgi_app(app, environ)
     return int(status.split(" ", 1)[0]), list(headers.items()), body
