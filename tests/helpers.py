@@ -104,6 +104,17 @@ def unstamped(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "provenance"}
 
 
+def assert_same_answer(got, want) -> None:
+    """Two answers to one question agree as the API documents (replay's comparison): keys, strings,
+    integers and lengths exactly, numbers within 1e-5 of their field's scale. Not bitwise: on some
+    CPUs (an AMD EPYC VM here) MKL's float32 matmul rounds a row differently with the number of
+    rows, so passes that batch or cache a text differently differ in the last bits."""
+    from explorer.experiments.replay import compare
+
+    diff = compare(want, got)
+    assert not diff.mismatches, diff.mismatches[:5]
+
+
 def max_diff(a, b, path: str = "") -> float:
     """Largest |a - b| over the numbers of two JSON values that must otherwise be equal (same
     keys, lengths, strings, ints)."""

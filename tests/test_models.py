@@ -8,7 +8,7 @@ import pytest
 
 from explorer.web import server as app_module
 from app import create_app, parse_args
-from tests.helpers import EVERY_ENDPOINT, TEXT, answer, max_diff
+from tests.helpers import EVERY_ENDPOINT, TEXT, answer, assert_same_answer
 
 
 @pytest.fixture()
@@ -23,9 +23,9 @@ def test_model_field_routes_every_endpoint(two, tiny_model, other_model):
     differ = 0
     for path, body in EVERY_ENDPOINT:
         want = {name: answer(client, path, body) for name, client in alone.items()}
-        assert max_diff(answer(both, path, body), want["a"], path) == 0  # no "model": the default
-        assert max_diff(answer(both, path, {**body, "model": "a"}), want["a"], path) == 0
-        assert max_diff(answer(both, path, {**body, "model": "b"}), want["b"], path) == 0
+        assert_same_answer(answer(both, path, body), want["a"])  # no "model": the default
+        assert_same_answer(answer(both, path, {**body, "model": "a"}), want["a"])
+        assert_same_answer(answer(both, path, {**body, "model": "b"}), want["b"])
         differ += want["a"] != want["b"]
     assert differ >= len(EVERY_ENDPOINT) - 1  # only /tokenize is weight-free: routing is visible
 
