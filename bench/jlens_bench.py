@@ -114,7 +114,7 @@ def fitting(client: Any, texts: Texts, fit_tokens: int, n_fit: int, d_model: int
     if state["status"] != "done":
         raise RuntimeError(f"the fit ended {state['status']}: {state.get('error')}")
     total = (time.perf_counter() - start) * 1000
-    chunks = n_fit * -(-d_model // jlens.DIM_BATCH)
+    chunks = n_fit * jlens.backward_passes(d_model)
     r = client.post("/jobs/jlens_fit", json={"texts": [texts.make(fit_tokens)], "name": "cancelled",
                                              "max_seq_len": fit_tokens})
     job = r.get_json()["job"]

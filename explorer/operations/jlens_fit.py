@@ -114,18 +114,16 @@ def jlens_fit(ex: Explorer, req: JlensFitRequest) -> Steps:
     if short is not None:
         raise InvalidRequest(f"texts[{short}] is {lengths[short]} tokens; a fit reads the positions after the first "
                              f"{SKIP} and before the last, so each text needs at least {SKIP + 2} tokens")
-    d_model, longest = int(ex.cfg.d_model), max(lengths)
-    # per text: a forward pass of DIM_BATCH copies, then ceil(d_model / DIM_BATCH) backward passes
-    # (each about two forward passes) of them; autograd keeps every block's activations of the copies
-    rows = jlens.DIM_BATCH * (1 + 2 * -(-d_model // jlens.DIM_BATCH))
+    n_passes, longest = jlens.backward_passes(int(ex.cfg.d_model)), max(lengths)
+    # per text: a forward pass of DIM_BATCH copies, then n_passes backward passes (each about two
+    # forward passes) of them; autograd keeps every block's activations of the copies
+    rows = jlens.DIM_BATCH * (1 + 2 * n_passes)
     admit(ex, Cost(rows * sum(forward_work(n_layers, n) for n in lengths), longest,
                    jlens.DIM_BATCH * n_layers * row_bytes(ex.cfg, longest)), True,
           "fit on fewer or shorter texts (max_seq_len)")
     if id(ex.bridge) in _fitting:  # answered now (503); `fitting` decides when the job starts
         raise Overloaded(busy(model.name), retry_after=30)
     fitted_on = corpus(req.texts)
-
-    n_passes = -(-d_model // jlens.DIM_BATCH)  # backward passes per text
 
     def fit(pause: Callable[[], None]) -> Any:
         return jlens.fit(ex.bridge, req.texts, corpus=fitted_on, source_layers=layers, max_seq_len=max_seq_len,

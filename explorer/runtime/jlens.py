@@ -162,8 +162,8 @@ def available(model: LoadedModel, directory: str) -> list[dict[str, Any]]:
     names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
     for file in names:
         path = os.path.abspath(os.path.join(directory, file))
-        meta = _saved_metadata(path) if file.endswith(SUFFIX) else None
-        if meta is None or meta["model_name"] != model.cfg.model_name or meta["d_model"] != int(model.cfg.d_model):
+        meta = _saved_for(model, path) if file.endswith(SUFFIX) else None
+        if meta is None:
             continue
         found.append({"kind": "file", "spec": path, "name": file[:-len(SUFFIX)], "corpus": meta["corpus"],
                       "n_prompts": meta["n_prompts"], "cached": True,
@@ -172,6 +172,15 @@ def available(model: LoadedModel, directory: str) -> list[dict[str, Any]]:
 
 
 _metadata: dict[tuple[str, int, int], dict[str, Any] | None] = {}  # (path, mtime, size) -> what `available` reads
+
+
+def _saved_for(model: LoadedModel, path: str) -> dict[str, Any] | None:
+    """The metadata of the lens saved at `path` when it was fitted for a model of `model`'s name and
+    width; None otherwise (another model's lens, not a lens, no file)."""
+    meta = _saved_metadata(path)
+    if meta is None or meta["model_name"] != model.cfg.model_name or meta["d_model"] != int(model.cfg.d_model):
+        return None
+    return meta
 
 
 def _saved_metadata(path: str) -> dict[str, Any] | None:
@@ -199,7 +208,7 @@ def saved(model: LoadedModel, directory: str, name: str) -> LoadedLens | None:
     if not NAME.match(name):
         return None
     path = os.path.abspath(os.path.join(os.path.expanduser(directory), name + SUFFIX))
-    if not any(a["kind"] == "file" and a["spec"] == path for a in available(model, directory)):
+    if _saved_for(model, path) is None:
         return None
     lens = load(path, model, name)
     return None if lens is None else model.lenses.setdefault(name, lens)
@@ -227,13 +236,18 @@ def _hub_file(spec: str, model: str, repo: str, filename: str, revision: str) ->
 DIM_BATCH = 8  # output dimensions per backward pass (the library's default; recorded in the artifact)
 
 
+def backward_passes(d_model: int) -> int:
+    """Backward passes a fit takes per text: one per DIM_BATCH output dimensions."""
+    return -(-d_model // DIM_BATCH)
+
+
 def fit(bridge: Any, texts: list[str], *, corpus: str, source_layers: list[int] | None, max_seq_len: int,
         pause: Callable[[], None]) -> Any:
     """`JacobianLens.fit(bridge, texts, ...)` exactly (the same validation, drive loop, sums and
     metadata), calling `pause()` before each of its backward passes. The library's fit is one call
     of minutes on a CPU; `_fit_transport_matrices` is its drive loop, and its `backward_provider`
     (the library's seam for the backward step, here its own `_ordinary_vjp`) is the one place a
-    fit can stop: one forward pass per text, then ceil(d_model / DIM_BATCH) backward passes."""
+    fit can stop: one forward pass per text, then `backward_passes(d_model)` backward passes."""
     from transformer_lens.tools.analysis import JacobianLens
     from transformer_lens.tools.analysis.jacobian_lens import (
         DEFAULT_SKIP_FIRST_POSITIONS, ESTIMATOR_JACOBIAN, _build_fit_metadata, _fit_transport_matrices,
